@@ -1,0 +1,6 @@
+"""Allow ``python -m bnexp``."""
+
+from bnexp.cli import main
+
+if __name__ == "__main__":
+    main()
