@@ -1,0 +1,128 @@
+"""First-order update rules with the CS231n interface: ``rule(w, dw, state) -> (w, state)``.
+
+``w`` may be a stack of parameters of K independent networks, e.g. (K, D, M) or (K, M); the
+learning rate is a Python float or an array over the leading (network) axes, so each network of a
+stack can have its own. Array learning rates are aligned with w's *leading* axes: shape (K,),
+(K, 1) or (K, 1, 1) all mean "one rate per network" for both (K, D, M) weights and (K, M) biases.
+
+``state`` holds the hyper-parameters and moments. Missing keys get the CS231n defaults. The input
+dict is not modified: a new dict is returned, and moments are new arrays, never updated in place.
+
+Dtypes: the arithmetic runs in the common dtype of w and dw (float64 is never narrowed to float32),
+and the new w is cast back to w's dtype. With float32 w and dw everything stays float32 exactly as
+in the reference: hyper-parameters are kept as Python floats (NumPy 2 does not let those upcast)
+and an array learning rate is cast to the compute dtype, so a stack with per-network rates gives
+bit-identical results to separate calls with Python-float rates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _prepare(name: str, w: np.ndarray, dw: np.ndarray, state: dict | None, defaults: dict):
+    """Check shapes, fill defaults, and return (state copy, compute dtype, learning rate)."""
+    if w.shape != dw.shape:
+        raise ValueError(f"{name}: w has shape {w.shape} but dw has shape {dw.shape}")
+    state = dict(state) if state else {}
+    for key, value in defaults.items():
+        state.setdefault(key, value)
+    dtype = np.result_type(w.dtype, dw.dtype)
+    return state, dtype, _learning_rate(name, state["learning_rate"], w, dtype)
+
+
+def _learning_rate(name: str, lr, w: np.ndarray, dtype):
+    """A Python float as is; an array aligned with w's leading axes, in the compute dtype."""
+    if np.ndim(lr) == 0:
+        return float(lr)
+    lr = np.asarray(lr)
+    # Drop trailing unit axes, then pad to w's rank, so (K,), (K, 1) and (K, 1, 1) all broadcast
+    # over the leading axes of both (K, D, M) and (K, M).
+    shape = lr.shape
+    while shape and shape[-1] == 1:
+        shape = shape[:-1]
+    lead = w.shape[: len(shape)]
+    if len(shape) > w.ndim or any(n not in (1, k) for n, k in zip(shape, lead, strict=True)):
+        raise ValueError(
+            f"{name}: learning_rate of shape {lr.shape} does not broadcast over the leading axes "
+            f"of w {w.shape}"
+        )
+    return lr.reshape(shape + (1,) * (w.ndim - len(shape))).astype(dtype, copy=False)
+
+
+def sgd(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
+    """Vanilla stochastic gradient descent ``w - learning_rate * dw``.
+
+    Parameters
+    ----------
+    w, dw : (..., *shape) parameters and their gradient.
+    state : ``learning_rate`` (default 1e-2).
+
+    Returns
+    -------
+    w : new array like w (same dtype); state : new dict.
+    """
+    state, _, lr = _prepare("sgd", w, dw, state, {"learning_rate": 1e-2})
+    return (w - lr * dw).astype(w.dtype, copy=False), state
+
+
+def sgd_momentum(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
+    """SGD with momentum: ``v = momentum * v - learning_rate * dw; w = w + v``.
+
+    Parameters
+    ----------
+    w, dw : (..., *shape) parameters and their gradient.
+    state : ``learning_rate`` (1e-2), ``momentum`` (0.9), ``velocity`` (zeros like w).
+
+    Returns
+    -------
+    w : new array like w (same dtype); state : new dict with the new velocity.
+    """
+    name = "sgd_momentum"
+    state, dtype, lr = _prepare(name, w, dw, state, {"learning_rate": 1e-2, "momentum": 0.9})
+    velocity = state.get("velocity")
+    if velocity is None:
+        velocity = np.zeros(w.shape, dtype=dtype)
+    elif velocity.shape != w.shape:
+        raise ValueError(f"{name}: velocity has shape {velocity.shape}, w has shape {w.shape}")
+    velocity = float(state["momentum"]) * velocity - lr * dw
+    state["velocity"] = velocity
+    return (w + velocity).astype(w.dtype, copy=False), state
+
+
+def adam(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
+    """Adam (Kingma & Ba 2015) with bias correction; t is incremented before use.
+
+    ``m = b1*m + (1-b1)*dw; mt = m/(1-b1**t); v = b2*v + (1-b2)*dw**2; vt = v/(1-b2**t);
+    w = w - learning_rate * mt / (sqrt(vt) + epsilon)``, in this order (the CS231n formulas).
+
+    Parameters
+    ----------
+    w, dw : (..., *shape) parameters and their gradient.
+    state : ``learning_rate`` (1e-3), ``beta1`` (0.9), ``beta2`` (0.999), ``epsilon`` (1e-8),
+        ``m`` and ``v`` (zeros like w), ``t`` (0).
+
+    Returns
+    -------
+    w : new array like w (same dtype); state : new dict with the new moments and t.
+    """
+    name = "adam"
+    defaults = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "t": 0}
+    state, dtype, lr = _prepare(name, w, dw, state, defaults)
+    beta1, beta2, eps = float(state["beta1"]), float(state["beta2"]), float(state["epsilon"])
+    m, v = state.get("m"), state.get("v")
+    m = np.zeros(w.shape, dtype=dtype) if m is None else m
+    v = np.zeros(w.shape, dtype=dtype) if v is None else v
+    if m.shape != w.shape or v.shape != w.shape:
+        raise ValueError(f"{name}: m {m.shape} and v {v.shape} must have w's shape {w.shape}")
+    t = int(state["t"]) + 1
+    m = beta1 * m + (1 - beta1) * dw
+    mt = m / (1 - beta1**t)
+    v = beta2 * v + (1 - beta2) * (dw**2)
+    vt = v / (1 - beta2**t)
+    new_w = w - lr * mt / (np.sqrt(vt) + eps)
+    state.update(m=m, v=v, t=t)
+    return new_w.astype(w.dtype, copy=False), state
+
+
+UPDATE_RULES = {"sgd": sgd, "sgd_momentum": sgd_momentum, "adam": adam}
