@@ -155,8 +155,8 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     x : (..., N, D) inputs.
     gamma, beta : (..., D) scale and shift.
     bn_param : dict with keys
-        ``mode``: 'train' (batch stats, update running stats), 'batch' (batch stats, running stats
-        untouched) or 'test' (running stats);
+        ``mode`` (required): 'train' (batch stats, update running stats), 'batch' (batch stats,
+        running stats untouched) or 'test' (running stats);
         ``eps`` (default 1e-5), ``momentum`` (default 0.9);
         ``running_mean``, ``running_var``: (..., D); created as zeros of x's dtype when missing.
         In 'train' mode the updated running arrays are stored back as new arrays (never written
@@ -165,7 +165,9 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     Returns
     -------
     out : (..., N, D).
-    cache : for :func:`batchnorm_backward` / :func:`batchnorm_backward_alt` (train/batch modes).
+    cache : for :func:`batchnorm_backward` / :func:`batchnorm_backward_alt` (train/batch modes;
+        None in test mode). Its ``mean`` and ``var`` entries, shaped (..., 1, D), are the batch
+        statistics, the inputs of :func:`batchnorm_population_stats`.
 
     Raises
     ------
@@ -173,7 +175,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
         of a single example is 0 and the normalised output carries no signal).
     """
     name = "batchnorm_forward"
-    mode = bn_param.get("mode", "train")
+    mode = bn_param.get("mode")
     if mode not in BN_MODES:
         raise ValueError(f"{name}: unknown mode {mode!r}; expected one of {', '.join(BN_MODES)}")
     _require_ndim(name, "x", x, 2, "(..., N, D)")
@@ -226,6 +228,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     cache = {
         "xhat": xhat,
         "xmu": xmu,
+        "mean": mean,
         "var": var,
         "std": std,
         "ivar": ivar,
