@@ -198,7 +198,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     if running_var is None:
         running_var = np.zeros(stat_shape, dtype=x.dtype)
     for label, r in (("running_mean", running_mean), ("running_var", running_var)):
-        if r.shape[-1:] != (D,) or _leading(name, ("x", x, 2), (label, r, 1)) != x.shape[:-2]:
+        if r.shape != stat_shape:  # one statistic per network and feature, no broadcasting
             raise ValueError(f"{name}: {label} has shape {r.shape}, x has shape {x.shape}")
 
     g = gamma[..., None, :]
