@@ -1,0 +1,500 @@
+"""CIFAR-10: locate, verify and parse the official layouts; prepare the cs231n splits; cache them.
+
+The features are bit-for-bit those of the cs231n ``get_CIFAR10_data``: images as float64, minus the
+per-pixel mean of the first ``num_training`` training images (``np.mean`` over axis 0 in float64),
+flattened channel-major (R plane, G plane, B plane, each 32x32 row-major). The mean is accumulated
+batch by batch from the uint8 pixels in float64; sums of at most 50,000 bytes are exact in float64,
+so the result is identical to the reference, which holds all 49,000 images as float64 (1.2 GB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from bnexp.download import ARCHIVES, download
+from bnexp.errors import ConfigError, DataError
+
+__all__ = ["Splits", "describe", "download", "load_splits", "read_batch", "resolve_data_dir"]
+
+RECORD = 3073  # 1 label byte + 3,072 pixel bytes
+PIXELS = 3072
+TEST_BATCH_SIZE = 10_000
+CACHE_VERSION = 1
+LAYOUTS = {  # layout -> (folder, training batch files, test batch file, meta file)
+    "binary": (
+        ARCHIVES["binary"][2],
+        tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+        "test_batch.bin",
+        "batches.meta.txt",
+    ),
+    "python": (
+        ARCHIVES["python"][2],
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The cs231n splits as float64 features.
+
+    X_train : (num_train_subset, 3072) float64, the first training images (mean subtracted).
+    y_train : (num_train_subset,) int64 labels 0..9.
+    X_val, y_val : (num_validation, 3072), the training images after the first num_training.
+    X_test, y_test : (num_test, 3072), the first test images.
+    mean_image : (3072,) float64 per-pixel mean of the first num_training training images
+        (computed even when it is not subtracted).
+    source : JSON-ready dict for the run manifest: data dir, layout, files with bytes, image counts
+        and sha256, split settings and counts.
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    mean_image: np.ndarray
+    source: dict
+
+
+def resolve_data_dir(cli_value: str | os.PathLike | None) -> Path:
+    """The data folder: the --data-dir value, else $BNEXP_DATA_DIR, else the user cache folder.
+
+    The user cache folder is ``$XDG_CACHE_HOME/bnexp`` (default ``~/.cache/bnexp``).
+    """
+    if cli_value:
+        return Path(cli_value).expanduser()
+    if os.environ.get("BNEXP_DATA_DIR"):
+        return Path(os.environ["BNEXP_DATA_DIR"]).expanduser()
+    return _user_cache() / "bnexp"
+
+
+def _user_cache() -> Path:
+    """$XDG_CACHE_HOME or ~/.cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+
+
+def find_layout(data_dir: Path) -> tuple[str, Path] | None:
+    """(layout, folder) of the CIFAR-10 copy in ``data_dir``, binary first; None if none."""
+    for layout, (folder, *_) in LAYOUTS.items():
+        if (data_dir / folder).is_dir():
+            return layout, data_dir / folder
+    return None
+
+
+def _missing_message(data_dir: Path) -> str:
+    """One line: where we looked and how to fix it."""
+    folders = " or ".join(f"{spec[0]}/" for spec in LAYOUTS.values())
+    return (
+        f"no CIFAR-10 in {data_dir} (looked for {folders}); run `bnexp data download`, "
+        "or pass --data-dir / set BNEXP_DATA_DIR to a folder that holds one"
+    )
+
+
+# --- readers --------------------------------------------------------------------------------
+
+
+def read_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read one batch file of either layout (``.bin`` = binary records, otherwise a pickle).
+
+    Returns images (N, 3072) uint8 channel-major and labels (N,) int64 in 0..9.
+    """
+    path = Path(path)
+    images, labels, _ = _read_batch_bytes(path, _read_file(path))
+    return images, labels
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of a batch file, with a DataError naming it when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"missing batch file {path}; re-download with `bnexp data download`"
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _read_batch_bytes(path: Path, raw: bytes) -> tuple[np.ndarray, np.ndarray, str]:
+    """Parse and validate the bytes of ``path``; also return their sha256."""
+    sha256 = hashlib.sha256(raw).hexdigest()
+    if path.suffix == ".bin":
+        images, labels = _parse_binary(path, raw)
+    else:
+        images, labels = _parse_pickle(path, raw)
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        bad = labels[(labels < 0) | (labels > 9)][0]
+        raise DataError(f"{path}: label {bad} outside 0..9; the file is corrupt, re-download it")
+    return images, labels, sha256
+
+
+def _parse_binary(path: Path, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """3,073-byte records -> (images (N, 3072) uint8 view, labels (N,) int64)."""
+    if len(raw) == 0 or len(raw) % RECORD:
+        raise DataError(
+            f"{path}: {len(raw)} bytes is not a whole number of 3,073-byte records "
+            "(truncated or not a CIFAR-10 binary batch); re-download it"
+        )
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD)
+    return records[:, 1:], records[:, 0].astype(np.int64)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what the official batches contain: dicts, lists, bytes, str, numpy arrays."""
+
+    def find_class(self, module, name):
+        allowed = _allowed_globals()
+        if (module, name) not in allowed:
+            raise DataError(
+                f"{self.path}: refused to unpickle {module}.{name} (not part of a CIFAR-10 "
+                "batch; the file may be malicious); use the official archive"
+            )
+        return allowed[(module, name)]
+
+    def persistent_load(self, pid):
+        raise DataError(f"{self.path}: persistent ids are not part of a CIFAR-10 batch")
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """The one use of _codecs.encode in numpy pickles written by Python 3 at protocol 2."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict:
+    """(module, name) -> object for every global an official CIFAR-10 pickle may reference."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    recon = multiarray._reconstruct
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): recon,
+        ("numpy._core.multiarray", "_reconstruct"): recon,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+        ("builtins", "bytes"): bytes,
+        ("__builtin__", "bytes"): bytes,
+    }
+
+
+def _safe_unpickle(path: Path, raw: bytes):
+    """Unpickle ``raw`` with the restricted unpickler; any refusal or damage is a DataError."""
+    unpickler = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes")
+    unpickler.path = path
+    try:
+        return unpickler.load()
+    except DataError:
+        raise
+    except Exception as exc:  # truncated / damaged pickles raise many different types
+        raise DataError(
+            f"{path}: not a readable CIFAR-10 pickle ({exc!r}); re-download it"
+        ) from exc
+
+
+def _parse_pickle(path: Path, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A pickled dict with data (N, 3072) uint8 and labels (list of N ints), bytes or str keys."""
+    obj = _safe_unpickle(path, raw)
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataError(f"{path}: 'data' is not a 2-D uint8 array; not a CIFAR-10 batch")
+    if data.shape[1] != PIXELS or data.shape[0] == 0:
+        raise DataError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072) with N > 0")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != data.shape[0]:
+        raise DataError(f"{path}: 'labels' must list one label per image ({data.shape[0]})")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DataError(f"{path}: 'labels' are not integers") from exc
+    return data, labels
+
+
+# --- splits ---------------------------------------------------------------------------------
+
+
+def load_splits(
+    data_dir: str | os.PathLike,
+    *,
+    num_training: int = 49000,
+    num_validation: int = 1000,
+    num_test: int = 1000,
+    num_train_subset: int = 1000,
+    subtract_mean: bool = True,
+    download_if_missing: bool = False,
+    use_cache: bool = True,
+    progress: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Splits:
+    """Load the cs231n splits of CIFAR-10 from ``data_dir`` (either official layout).
+
+    Parameters
+    ----------
+    data_dir : folder holding ``cifar-10-batches-bin/`` or ``cifar-10-batches-py/``.
+    num_training : training images 0..num_training-1 form the train split (mean computed on them).
+    num_validation : the next training images form the validation split.
+    num_test : the first test images form the test split.
+    num_train_subset : returned X_train is the first ``num_train_subset`` train-split images.
+    subtract_mean : subtract ``mean_image`` from every split (as the reference does by default).
+    download_if_missing : download the binary archive when no copy is found.
+    use_cache : read/write the prepared splits in ``cache_dir``.
+    progress : progress bar for a download.
+    cache_dir : default ``$XDG_CACHE_HOME/bnexp/prepared`` (``~/.cache/bnexp/prepared``).
+
+    Returns
+    -------
+    Splits with X_train (num_train_subset, 3072), X_val (num_validation, 3072), X_test
+    (num_test, 3072) float64, int64 labels, mean_image (3072,) float64 and ``source``.
+
+    Raises
+    ------
+    DataError : no copy found (and no download requested), missing/truncated/corrupt batch files,
+        fewer images than the settings ask for.
+    ConfigError : impossible split settings.
+    """
+    settings = {
+        "num_training": num_training,
+        "num_validation": num_validation,
+        "num_test": num_test,
+        "num_train_subset": num_train_subset,
+    }
+    _check_settings(settings)
+    data_dir = Path(data_dir).expanduser()
+    found = find_layout(data_dir)
+    if found is None and download_if_missing:
+        download(data_dir, "binary", progress=progress)
+        found = find_layout(data_dir)
+    if found is None:
+        raise DataError(_missing_message(data_dir))
+    layout, folder = found
+    files = _batch_paths(layout, folder)
+    cache_file = None
+    if use_cache:
+        cache_dir = Path(cache_dir) if cache_dir else _user_cache() / "bnexp" / "prepared"
+        cache_file = cache_dir / f"cifar10-{_cache_key(layout, folder, files, settings)}.npz"
+        cached = _read_cache(cache_file, settings)
+        if cached is not None:
+            for note in cached[-1].get("warnings", []):
+                warnings.warn(note, stacklevel=2)
+            return _features(*cached, subtract_mean=subtract_mean)
+    parts = _prepare(layout, folder, files, settings)
+    for note in parts[-1]["warnings"]:
+        warnings.warn(note, stacklevel=2)
+    if cache_file is not None:
+        _write_cache(cache_file, parts)
+    return _features(*parts, subtract_mean=subtract_mean)
+
+
+def _check_settings(s: dict) -> None:
+    """Raise ConfigError for split settings no data could satisfy."""
+    for key, value in s.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"data setting {key} must be a non-negative integer, got {value!r}")
+    if s["num_training"] < 1:
+        raise ConfigError("data setting num_training must be at least 1")
+    if not 1 <= s["num_train_subset"] <= s["num_training"]:
+        raise ConfigError(
+            f"data setting num_train_subset={s['num_train_subset']} must be between 1 and "
+            f"num_training={s['num_training']}"
+        )
+
+
+def _batch_paths(layout: str, folder: Path) -> list[Path]:
+    """The six batch files (five training, then test); DataError naming those missing."""
+    _, train_names, test_name, _ = LAYOUTS[layout]
+    paths = [folder / name for name in (*train_names, test_name)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"{folder} is missing batch file(s) {', '.join(missing)}; "
+            "re-download with `bnexp data download`"
+        )
+    return paths
+
+
+def _prepare(layout: str, folder: Path, files: list[Path], s: dict):
+    """Read every batch once: uint8 rows of the splits, the float64 mean image and the source."""
+    n_train, n_val, n_sub = s["num_training"], s["num_validation"], s["num_train_subset"]
+    total = np.zeros(PIXELS, dtype=np.float64)
+    sub, val, sub_y, val_y = [], [], [], []
+    offset = 0
+    entries, notes = [], []
+    for path in files[:-1]:
+        images, labels, sha = _read_batch_bytes(path, _read_file(path))
+        n = len(labels)
+        entries.append(
+            {"name": path.name, "bytes": path.stat().st_size, "images": n, "sha256": sha}
+        )
+        # Integer sums up to 50,000 * 255 are exact in float64, so the batchwise sum equals the
+        # reference's np.mean over one float64 array bit for bit (verified in tests/test_data.py).
+        total += images[: max(0, min(n, n_train - offset))].sum(axis=0, dtype=np.float64)
+        # Copies, so that no view keeps a whole 30 MB batch buffer alive.
+        k = max(0, min(n, n_sub - offset))
+        sub.append(images[:k].copy())
+        sub_y.append(labels[:k])
+        a, b = max(0, n_train - offset), max(0, min(n, n_train + n_val - offset))
+        val.append(images[a:b].copy())
+        val_y.append(labels[a:b])
+        offset += n
+    if offset < n_train + n_val:
+        raise DataError(
+            f"{folder} holds {offset} training images, but num_training + num_validation = "
+            f"{n_train + n_val}; lower them or use a complete copy"
+        )
+    test_path = files[-1]
+    test_images, test_labels, sha = _read_batch_bytes(test_path, _read_file(test_path))
+    n = len(test_labels)
+    entries.append(
+        {"name": test_path.name, "bytes": test_path.stat().st_size, "images": n, "sha256": sha}
+    )
+    if n < TEST_BATCH_SIZE:
+        notes.append(f"{test_path} holds {n} test images (the official file has {TEST_BATCH_SIZE})")
+    if n < s["num_test"]:
+        raise DataError(f"{test_path} holds {n} test images, but num_test = {s['num_test']}")
+    source = {
+        "data_dir": str(folder.parent.resolve()),
+        "layout": layout,
+        "folder": folder.name,
+        "files": entries,
+        "train_images": offset,
+        "test_images": n,
+        "settings": dict(s),
+        "counts": {"train": n_sub, "val": n_val, "test": s["num_test"]},
+        "warnings": notes,
+    }
+    rows = (
+        np.concatenate(sub),
+        np.concatenate(sub_y),
+        np.concatenate(val).reshape(-1, PIXELS),
+        np.concatenate(val_y),
+        np.ascontiguousarray(test_images[: s["num_test"]]),
+        test_labels[: s["num_test"]].copy(),
+    )
+    return (*rows, total / n_train, source)
+
+
+def _features(sub, sub_y, val, val_y, test, test_y, mean_image, source, *, subtract_mean):
+    """uint8 rows -> float64 features (minus the mean image when asked), as Splits."""
+
+    def feat(rows):
+        x = rows.astype(np.float64)
+        if subtract_mean:
+            x -= mean_image
+        return x
+
+    source = {**source, "subtract_mean": bool(subtract_mean)}
+    return Splits(feat(sub), sub_y, feat(val), val_y, feat(test), test_y, mean_image, source)
+
+
+# --- cache ----------------------------------------------------------------------------------
+# The cache stores the uint8 rows of the three splits and the float64 mean image (about 9 MB
+# for the default splits instead of 74 MB of float64 features); the features are rebuilt from
+# them by the same code as on a cold load, so warm and cold loads are bit-identical.
+
+_CACHE_ARRAYS = ("sub", "sub_y", "val", "val_y", "test", "test_y", "mean_image")
+
+
+def _cache_key(layout: str, folder: Path, files: list[Path], settings: dict) -> str:
+    """Hash of the split settings and a fingerprint (name, size, mtime_ns) of the source files."""
+    prints = []
+    for p in files:
+        st = p.stat()
+        prints.append([p.name, st.st_size, st.st_mtime_ns])
+    blob = json.dumps(
+        [CACHE_VERSION, layout, str(folder.resolve()), prints, sorted(settings.items())]
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _read_cache(path: Path, s: dict):
+    """The cached parts, or None when absent, unreadable or inconsistent (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            parts = [z[name] for name in _CACHE_ARRAYS]
+            source = json.loads(str(z["source"]))
+        shapes = [
+            (s["num_train_subset"], PIXELS),
+            (s["num_validation"], PIXELS),
+            (s["num_test"], PIXELS),
+        ]
+        for rows, labels, shape in zip(parts[0:6:2], parts[1:6:2], shapes, strict=True):
+            if rows.shape != shape or rows.dtype != np.uint8 or labels.shape != shape[:1]:
+                raise ValueError("unexpected shape")
+        if parts[6].shape != (PIXELS,) or parts[6].dtype != np.float64:
+            raise ValueError("unexpected mean image")
+    except Exception as exc:  # any damage: ignore the file, the caller rebuilds and overwrites it
+        warnings.warn(f"ignoring unreadable cache file {path} ({exc!r}); rebuilding", stacklevel=3)
+        return None
+    return (*parts, source)
+
+
+def _write_cache(path: Path, parts) -> None:
+    """Write the parts atomically (temp file + os.replace); a failure only warns."""
+    arrays = dict(zip(_CACHE_ARRAYS, parts[:-1], strict=True))
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, source=np.array(json.dumps(parts[-1])), **arrays)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"could not write the data cache {path}: {exc}", stacklevel=3)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+# --- info -----------------------------------------------------------------------------------
+
+
+def describe(data_dir: str | os.PathLike) -> str:
+    """Human-readable report for `bnexp data info`: location, layout, counts, sha256 per file."""
+    data_dir = Path(data_dir).expanduser()
+    found = find_layout(data_dir)
+    if found is None:
+        raise DataError(_missing_message(data_dir))
+    layout, folder = found
+    files = _batch_paths(layout, folder)
+    lines = [f"location: {folder.resolve()}", f"layout:   {layout}", "files:"]
+    counts = []
+    for path in files:
+        _, labels, sha = _read_batch_bytes(path, _read_file(path))
+        counts.append(len(labels))
+        per_class = np.bincount(labels, minlength=10)
+        lines.append(f"  {path.name:<18} {len(labels):>6} images  sha256 {sha}")
+        lines.append(f"  {'':<18} per class {' '.join(str(c) for c in per_class)}")
+    n_train, n_test = sum(counts[:-1]), counts[-1]
+    lines.append(f"training images: {n_train}   test images: {n_test}")
+    if n_test < TEST_BATCH_SIZE:
+        lines.append(f"note: the test batch is partial (the official file has {TEST_BATCH_SIZE})")
+    meta = folder / LAYOUTS[layout][3]
+    if meta.is_file() and layout == "binary":
+        names = [n for n in meta.read_text(encoding="utf-8").split() if n]
+        lines.append(f"classes: {', '.join(names)}")
+    lines.append(
+        "default cs231n splits: train 0..48999 (mean image), val 49000..49999, "
+        "test 0..999, experiment subset 0..999"
+    )
+    return "\n".join(lines)

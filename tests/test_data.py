@@ -1,0 +1,412 @@
+"""CIFAR-10 readers, cs231n splits and cache, on small generated datasets in both layouts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bnexp import data
+from bnexp.cli import main
+from bnexp.errors import ConfigError, DataError
+
+N_BATCH, N_TEST = 40, 30  # images per generated training batch (x5) and in the test batch
+SMALL = {"num_training": 150, "num_validation": 30, "num_test": 20, "num_train_subset": 60}
+
+
+def make_images(rng: np.random.Generator, n_train: int = 5 * N_BATCH, n_test: int = N_TEST):
+    """Random uint8 images (N, 3072) channel-major and labels 0..9 for train and test."""
+    x = rng.integers(0, 256, size=(n_train, 3072), dtype=np.uint8)
+    y = rng.integers(0, 10, size=n_train)
+    xt = rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
+    yt = rng.integers(0, 10, size=n_test)
+    return x, y, xt, yt
+
+
+def write_binary(root: Path, x, y, xt, yt, n_batch: int = N_BATCH) -> Path:
+    """Write the official binary layout (label byte + 3,072 pixel bytes per record)."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+
+    def records(images, labels):
+        return np.column_stack([labels.astype(np.uint8), images]).tobytes()
+
+    for i in range(5):
+        rows = slice(i * n_batch, (i + 1) * n_batch)
+        (folder / f"data_batch_{i + 1}.bin").write_bytes(records(x[rows], y[rows]))
+    (folder / "test_batch.bin").write_bytes(records(xt, yt))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
+    names.append("truck")
+    (folder / "batches.meta.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def write_python(root: Path, x, y, xt, yt, n_batch=N_BATCH, bytes_keys=True, protocol=2) -> Path:
+    """Write the official python layout: pickled dicts with data (N, 3072) uint8 and labels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def dump(name, images, labels):
+        d = {"batch_label": "generated", "data": images, "labels": [int(v) for v in labels]}
+        if bytes_keys:  # what Python 3 sees when reading the official Python 2 pickles
+            d = {k.encode(): v for k, v in d.items()}
+        (folder / name).write_bytes(pickle.dumps(d, protocol=protocol))
+
+    for i in range(5):
+        rows = slice(i * n_batch, (i + 1) * n_batch)
+        dump(f"data_batch_{i + 1}", x[rows].copy(), y[rows])
+    dump("test_batch", xt, yt)
+    return root
+
+
+def cs231n_reference(root: Path, num_training, num_validation, num_test, num_train_subset):
+    """cs231n data_utils.get_CIFAR10_data transcribed (reshape(-1) instead of 10000 images)."""
+
+    def load_batch(path):
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        # Python 2 str keys load as str under latin1; our Python 3 files wrote real bytes keys.
+        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+        X = d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype("float")
+        return X, np.array(d["labels"])
+
+    folder = root / "cifar-10-batches-py"
+    xs, ys = zip(*(load_batch(folder / f"data_batch_{b}") for b in range(1, 6)), strict=True)
+    X_train, y_train = np.concatenate(xs), np.concatenate(ys)
+    X_test, y_test = load_batch(folder / "test_batch")
+    mask = list(range(num_training, num_training + num_validation))
+    X_val, y_val = X_train[mask], y_train[mask]
+    X_train, y_train = X_train[:num_training], y_train[:num_training]
+    X_test, y_test = X_test[:num_test], y_test[:num_test]
+    mean_image = np.mean(X_train, axis=0)
+    X_train -= mean_image
+    X_val -= mean_image
+    X_test -= mean_image
+    flat = [a.transpose(0, 3, 1, 2).copy().reshape(len(a), -1) for a in (X_train, X_val, X_test)]
+    return {
+        "X_train": flat[0][:num_train_subset],
+        "y_train": y_train[:num_train_subset],
+        "X_val": flat[1],
+        "y_val": y_val,
+        "X_test": flat[2],
+        "y_test": y_test,
+        "mean_image": mean_image.transpose(2, 0, 1).reshape(-1),
+    }
+
+
+def load(root, cache_dir, **kw):
+    """load_splits with the small settings, the short-test-batch warning silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return data.load_splits(root, cache_dir=cache_dir, **{**SMALL, **kw})
+
+
+@pytest.fixture
+def images():
+    return make_images(np.random.default_rng(0))
+
+
+@pytest.fixture
+def both(tmp_path, images):
+    """The same generated dataset in both layouts (separate roots)."""
+    return write_binary(tmp_path / "bin", *images), write_python(tmp_path / "py", *images)
+
+
+def test_read_batch_binary_and_pickle_identical(both, images):
+    root_bin, root_py = both
+    for name in ["data_batch_1", "data_batch_5", "test_batch"]:
+        xb, yb = data.read_batch(root_bin / "cifar-10-batches-bin" / f"{name}.bin")
+        xp, yp = data.read_batch(root_py / "cifar-10-batches-py" / name)
+        assert xb.dtype == xp.dtype == np.uint8 and yb.dtype == yp.dtype == np.int64
+        np.testing.assert_array_equal(xb, xp)
+        np.testing.assert_array_equal(yb, yp)
+    x, y, _, _ = images
+    xb, yb = data.read_batch(root_bin / "cifar-10-batches-bin" / "data_batch_2.bin")
+    np.testing.assert_array_equal(xb, x[N_BATCH : 2 * N_BATCH])
+    np.testing.assert_array_equal(yb, y[N_BATCH : 2 * N_BATCH])
+
+
+@pytest.mark.parametrize("bytes_keys,protocol", [(True, 2), (False, 4), (True, 3)])
+def test_pickle_variants_read(tmp_path, images, bytes_keys, protocol):
+    root = write_python(tmp_path, *images, bytes_keys=bytes_keys, protocol=protocol)
+    x, y = data.read_batch(root / "cifar-10-batches-py" / "data_batch_1")
+    np.testing.assert_array_equal(x, images[0][:N_BATCH])
+    np.testing.assert_array_equal(y, images[1][:N_BATCH])
+
+
+@pytest.mark.parametrize("layout", ["bin", "py"])
+def test_splits_equal_cs231n_reference_bit_for_bit(tmp_path, both, layout):
+    root = both[0] if layout == "bin" else both[1]
+    got = load(root, tmp_path / "cache")
+    ref = cs231n_reference(both[1], **SMALL)
+    for key, want in ref.items():
+        arr = getattr(got, key)
+        assert arr.dtype == want.dtype and arr.shape == want.shape, key
+        assert np.array_equal(arr, want), key  # exact, not approximate
+    assert got.X_train.shape == (60, 3072) and got.X_val.shape == (30, 3072)
+    assert got.X_test.shape == (20, 3072) and got.y_train.dtype == np.int64
+
+
+def test_uint8_float64_mean_equals_reference_recipe():
+    """The claim data.py relies on: mean from uint8 with a float64 accumulator (here summed in
+    five chunks, as batches) equals the reference recipe on float64 HWC images, bit for bit."""
+    rng = np.random.default_rng(1)
+    n = 49_000
+    hwc = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    hwc[: n // 2] = rng.integers(250, 256, size=(n // 2, 4, 4, 3))  # large sums: rounding risk
+    ref = hwc.astype(np.float64)
+    mean = np.mean(ref, axis=0)
+    ref -= mean
+    ref = ref.transpose(0, 3, 1, 2).reshape(n, -1)
+
+    chw = hwc.transpose(0, 3, 1, 2).reshape(n, -1)  # channel-major uint8, as the binary records
+    total = sum(c.sum(axis=0, dtype=np.float64) for c in np.array_split(chw, 5))
+    ours_mean = total / n
+    assert np.array_equal(ours_mean, mean.transpose(2, 0, 1).reshape(-1))
+    assert np.array_equal(np.mean(chw, axis=0, dtype=np.float64), ours_mean)
+    assert np.array_equal(chw.astype(np.float64) - ours_mean, ref)
+
+
+def test_layouts_give_identical_splits(tmp_path, both):
+    a = load(both[0], tmp_path / "c1")
+    b = load(both[1], tmp_path / "c2")
+    for key in ["X_train", "y_train", "X_val", "y_val", "X_test", "y_test", "mean_image"]:
+        assert np.array_equal(getattr(a, key), getattr(b, key)), key
+    assert a.source["layout"] == "binary" and b.source["layout"] == "python"
+
+
+def test_split_rows_and_no_mean(tmp_path, both, images):
+    x, y, xt, yt = images
+    s = load(both[0], tmp_path / "c", subtract_mean=False)
+    np.testing.assert_array_equal(s.X_train, x[:60].astype(np.float64))
+    np.testing.assert_array_equal(s.X_val, x[150:180].astype(np.float64))
+    np.testing.assert_array_equal(s.y_val, y[150:180])
+    np.testing.assert_array_equal(s.X_test, xt[:20].astype(np.float64))
+    np.testing.assert_array_equal(s.y_test, yt[:20])
+    np.testing.assert_allclose(s.mean_image, x[:150].mean(axis=0), rtol=1e-12)
+    assert s.source["subtract_mean"] is False
+
+
+def test_source_for_manifest(tmp_path, both):
+    s = load(both[0], tmp_path / "c")
+    folder = both[0] / "cifar-10-batches-bin"
+    files = {f["name"]: f for f in s.source["files"]}
+    assert list(files) == [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    for name, entry in files.items():
+        raw = (folder / name).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert entry["bytes"] == len(raw) and entry["images"] == len(raw) // 3073
+    assert s.source["train_images"] == 200 and s.source["test_images"] == N_TEST
+    assert s.source["counts"] == {"train": 60, "val": 30, "test": 20}
+
+
+def test_short_test_batch_warns(tmp_path, both):
+    with pytest.warns(UserWarning, match=r"test_batch\.bin holds 30 test images"):
+        data.load_splits(both[0], cache_dir=tmp_path / "c", **SMALL)
+
+
+# --- untrusted pickles ----------------------------------------------------------------------
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+class _EvilSystem:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("payload", [_Evil, _EvilSystem])
+@pytest.mark.parametrize("where", ["top", "inside"])
+def test_malicious_pickle_refused_before_it_runs(tmp_path, images, payload, where):
+    root = write_python(tmp_path / "d", *images)
+    marker = tmp_path / "pwned"
+    evil = payload(marker)
+    x, y = images[0][:N_BATCH], images[1][:N_BATCH]
+    obj = evil if where == "top" else {b"data": x, b"labels": [int(v) for v in y], b"x": evil}
+    target = root / "cifar-10-batches-py" / "data_batch_3"
+    target.write_bytes(pickle.dumps(obj, protocol=2))
+    assert not marker.exists()
+    with pytest.raises(DataError, match=r"data_batch_3: refused to unpickle"):
+        data.read_batch(target)
+    with pytest.raises(DataError, match="refused"):
+        load(root, tmp_path / "cache")
+    assert not marker.exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_pickle_with_object_array_refused(tmp_path, images):
+    root = write_python(tmp_path, *images)
+    target = root / "cifar-10-batches-py" / "data_batch_1"
+    obj = {b"data": np.array([[1, 2]], dtype=object), b"labels": [1]}
+    target.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(DataError, match="data_batch_1"):
+        data.read_batch(target)
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def assert_nothing_cached(cache_dir: Path):
+    assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
+
+
+def test_truncated_binary_batch(tmp_path, both):
+    path = both[0] / "cifar-10-batches-bin" / "data_batch_4.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"data_batch_4\.bin: 122820 bytes is not a whole number"):
+        load(both[0], tmp_path / "cache")
+    assert_nothing_cached(tmp_path / "cache")
+
+
+def test_truncated_pickle_batch(tmp_path, both):
+    path = both[1] / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match="data_batch_2: not a readable CIFAR-10 pickle"):
+        load(both[1], tmp_path / "cache")
+    assert_nothing_cached(tmp_path / "cache")
+
+
+def test_label_out_of_range(tmp_path, images):
+    x, y, xt, yt = images
+    y = y.copy()
+    y[3 * N_BATCH + 7] = 10
+    root = write_binary(tmp_path / "d", x, y, xt, yt)
+    with pytest.raises(DataError, match=r"data_batch_4\.bin: label 10 outside 0\.\.9"):
+        load(root, tmp_path / "cache")
+    assert_nothing_cached(tmp_path / "cache")
+    root = write_python(tmp_path / "p", x, y, xt, yt)
+    with pytest.raises(DataError, match=r"data_batch_4: label 10 outside"):
+        load(root, tmp_path / "cache")
+
+
+def test_missing_batch(tmp_path, both):
+    (both[0] / "cifar-10-batches-bin" / "data_batch_5.bin").unlink()
+    with pytest.raises(DataError, match=r"missing batch file\(s\) data_batch_5\.bin"):
+        load(both[0], tmp_path / "cache")
+    assert_nothing_cached(tmp_path / "cache")
+
+
+def test_empty_directory(tmp_path):
+    with pytest.raises(DataError) as info:
+        data.load_splits(tmp_path, cache_dir=tmp_path / "cache")
+    msg = str(info.value)
+    assert str(tmp_path) in msg and "bnexp data download" in msg and "BNEXP_DATA_DIR" in msg
+    assert "\n" not in msg
+    assert_nothing_cached(tmp_path / "cache")
+
+
+def test_settings_beyond_data_and_impossible_settings(tmp_path, both):
+    with pytest.raises(DataError, match="holds 200 training images"):
+        load(both[0], tmp_path / "c", num_training=190, num_validation=20)
+    with pytest.raises(DataError, match="holds 30 test images"):
+        load(both[0], tmp_path / "c", num_test=31)
+    with pytest.raises(ConfigError, match="num_train_subset"):
+        load(both[0], tmp_path / "c", num_train_subset=151)
+    with pytest.raises(ConfigError, match="num_validation"):
+        load(both[0], tmp_path / "c", num_validation=-1)
+    assert_nothing_cached(tmp_path / "c")
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+def test_warm_load_equals_cold_and_skips_parsing(tmp_path, both, monkeypatch):
+    cache = tmp_path / "cache"
+    cold = load(both[0], cache)
+    assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob(".tmp*"))
+
+    def no_read(path):
+        raise AssertionError(f"warm load read {path}")
+
+    monkeypatch.setattr(data, "_read_file", no_read)
+    warm = load(both[0], cache)
+    for f in ["X_train", "y_train", "X_val", "y_val", "X_test", "y_test", "mean_image"]:
+        a, b = getattr(cold, f), getattr(warm, f)
+        assert a.dtype == b.dtype and np.array_equal(a, b), f
+    assert warm.source == cold.source
+    with pytest.warns(UserWarning, match="holds 30 test images"):  # kept across warm loads
+        data.load_splits(both[0], cache_dir=cache, **SMALL)
+
+
+def test_cache_keyed_by_settings_and_source_files(tmp_path, both):
+    cache = tmp_path / "cache"
+    load(both[0], cache)
+    load(both[0], cache, num_train_subset=50)
+    assert len(list(cache.glob("*.npz"))) == 2
+    path = both[0] / "cifar-10-batches-bin" / "data_batch_1.bin"
+    raw = bytearray(path.read_bytes())
+    raw[1] ^= 0xFF  # first pixel of image 0 changes: the stale cache must not be used
+    path.write_bytes(bytes(raw))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    fresh = load(both[0], cache, subtract_mean=False)
+    assert fresh.X_train[0, 0] == raw[1]
+    assert len(list(cache.glob("*.npz"))) == 3
+
+
+@pytest.mark.filterwarnings("ignore:.*holds 30 test images")
+def test_corrupt_cache_ignored_and_rebuilt(tmp_path, both):
+    cache = tmp_path / "cache"
+    cold = load(both[0], cache)
+    (cache_file,) = cache.glob("*.npz")
+    cache_file.write_bytes(cache_file.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="ignoring unreadable cache file"):
+        again = data.load_splits(both[0], cache_dir=cache, **SMALL)
+    assert np.array_equal(again.X_train, cold.X_train)
+    assert np.array_equal(again.X_val, cold.X_val)
+    warm = load(both[0], cache)  # the rebuilt file is good again
+    assert np.array_equal(warm.X_test, cold.X_test)
+
+
+def test_use_cache_false_writes_nothing(tmp_path, both):
+    load(both[0], tmp_path / "cache", use_cache=False)
+    assert_nothing_cached(tmp_path / "cache")
+
+
+# --- data dir and CLI -----------------------------------------------------------------------
+
+
+def test_resolve_data_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.resolve_data_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    assert data.resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("BNEXP_DATA_DIR")
+    assert data.resolve_data_dir(None) == tmp_path / "xdg" / "bnexp"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.resolve_data_dir(None) == tmp_path / "home" / ".cache" / "bnexp"
+
+
+def test_cli_data_info(both):
+    result = CliRunner().invoke(main, ["data", "info", "--data-dir", str(both[1])])
+    assert result.exit_code == 0, result.output
+    raw = (both[1] / "cifar-10-batches-py" / "test_batch").read_bytes()
+    assert "layout:   python" in result.output
+    assert f"test_batch             {N_TEST} images  sha256 {hashlib.sha256(raw).hexdigest()}" in (
+        result.output
+    )
+    assert "training images: 200   test images: 30" in result.output
+
+
+def test_cli_data_info_uses_env_and_reports_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["data", "info"])
+    assert result.exit_code == DataError.exit_code
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no CIFAR-10 in ")
