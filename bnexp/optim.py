@@ -21,14 +21,16 @@ import numpy as np
 
 
 def _prepare(name: str, w: np.ndarray, dw: np.ndarray, state: dict | None, defaults: dict):
-    """Check shapes, fill defaults, and return (state copy, compute dtype, learning rate)."""
+    """Check shapes, fill defaults; return (state copy, compute dtype, dw in it, learning rate)."""
     if w.shape != dw.shape:
         raise ValueError(f"{name}: w has shape {w.shape} but dw has shape {dw.shape}")
     state = dict(state) if state else {}
     for key, value in defaults.items():
         state.setdefault(key, value)
     dtype = np.result_type(w.dtype, dw.dtype)
-    return state, dtype, _learning_rate(name, state["learning_rate"], w, dtype)
+    # Cast dw up front: float32 dw with float64 w would otherwise be scaled in float32 first.
+    dw = dw.astype(dtype, copy=False)
+    return state, dtype, dw, _learning_rate(name, state["learning_rate"], w, dtype)
 
 
 def _learning_rate(name: str, lr, w: np.ndarray, dtype):
@@ -62,7 +64,7 @@ def sgd(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
     -------
     w : new array like w (same dtype); state : new dict.
     """
-    state, _, lr = _prepare("sgd", w, dw, state, {"learning_rate": 1e-2})
+    state, _, dw, lr = _prepare("sgd", w, dw, state, {"learning_rate": 1e-2})
     return (w - lr * dw).astype(w.dtype, copy=False), state
 
 
@@ -79,7 +81,7 @@ def sgd_momentum(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
     w : new array like w (same dtype); state : new dict with the new velocity.
     """
     name = "sgd_momentum"
-    state, dtype, lr = _prepare(name, w, dw, state, {"learning_rate": 1e-2, "momentum": 0.9})
+    state, dtype, dw, lr = _prepare(name, w, dw, state, {"learning_rate": 1e-2, "momentum": 0.9})
     velocity = state.get("velocity")
     if velocity is None:
         velocity = np.zeros(w.shape, dtype=dtype)
@@ -108,7 +110,7 @@ def adam(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
     """
     name = "adam"
     defaults = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "t": 0}
-    state, dtype, lr = _prepare(name, w, dw, state, defaults)
+    state, dtype, dw, lr = _prepare(name, w, dw, state, defaults)
     beta1, beta2, eps = float(state["beta1"]), float(state["beta2"]), float(state["epsilon"])
     m, v = state.get("m"), state.get("v")
     m = np.zeros(w.shape, dtype=dtype) if m is None else m
