@@ -118,11 +118,19 @@ def adam(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
     if m.shape != w.shape or v.shape != w.shape:
         raise ValueError(f"{name}: m {m.shape} and v {v.shape} must have w's shape {w.shape}")
     t = int(state["t"]) + 1
-    m = beta1 * m + (1 - beta1) * dw
-    mt = m / (1 - beta1**t)
-    v = beta2 * v + (1 - beta2) * (dw**2)
-    vt = v / (1 - beta2**t)
-    new_w = w - lr * mt / (np.sqrt(vt) + eps)
+    # The reference formulas, evaluated in the same order (so the same bits) but in place on
+    # fresh arrays: this runs on every parameter of every network at every step.
+    m = beta1 * m
+    m += (1 - beta1) * dw
+    v = beta2 * v
+    v += (1 - beta2) * (dw * dw)
+    step = m / (1 - beta1**t)  # mt
+    step *= lr
+    denom = v / (1 - beta2**t)  # vt
+    np.sqrt(denom, out=denom)
+    denom += eps
+    step /= denom
+    new_w = w - step
     state.update(m=m, v=v, t=t)
     return new_w.astype(w.dtype, copy=False), state
 

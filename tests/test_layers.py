@@ -71,6 +71,13 @@ def test_relu_gradient():
     assert rel_error(L.relu_backward(dout, cache), num) < GRAD_TOL
 
 
+def test_relu_gradient_at_zero_is_zero():
+    # At the kink the subgradient 0 is used (CS231n's dout * (x > 0)), so a dead unit stays dead.
+    x = np.array([[-1.0, 0.0, 2.0]])
+    _, cache = L.relu_forward(x)
+    np.testing.assert_array_equal(L.relu_backward(np.array([[5.0, 5.0, 5.0]]), cache), [[0, 0, 5]])
+
+
 @pytest.mark.parametrize("backward", [L.batchnorm_backward, L.batchnorm_backward_alt])
 @pytest.mark.parametrize("mode", ["train", "batch"])
 @pytest.mark.parametrize(
