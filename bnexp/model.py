@@ -1,0 +1,307 @@
+"""The fully connected net ``{affine - [batchnorm] - relu} x L - affine - softmax``, for stacks of
+nets.
+
+Parameters live in a dict with keys ``W1, b1, gamma1, beta1, ..., W{L+1}, b{L+1}`` (gamma/beta only
+with batch norm). A *stack* of K networks of one architecture has a leading axis K on every array:
+``W{l}`` (K, din, dout), ``b{l}``, ``gamma{l}``, ``beta{l}`` (K, dout); a single network may omit
+it. The layers (`bnexp.layers`) reduce over the batch axis only, so the K networks never mix.
+
+The first layer has a second, *wide* layout for lockstep training on a shared minibatch: ``W1`` as
+(input_dim, K * H1), the K weight matrices side by side (`to_wide`), so the whole stack's first
+layer is one large matrix product ``X (N, input_dim) @ W1 (input_dim, K * H1)``, and its weight
+gradient another one, ``X.T @ dA1``. Pass ``wide=True`` to use it; every other array keeps the
+stacked layout. The gradient with respect to the input images is never computed.
+
+Batch-norm state (running mean/variance, momentum, eps) is a list of `bn_param` dicts, one per
+hidden layer, as in CS231n; its conventions are documented in `bnexp.layers.batchnorm_forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnexp import layers
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Architecture of a fully connected net.
+
+    Attributes
+    ----------
+    input_dim : int
+        Features per example (3,072 for flattened CIFAR-10).
+    hidden_dims : tuple of int
+        Widths of the L hidden layers, e.g. ``(50,) * 7``.
+    num_classes : int
+        Output classes (10).
+    batchnorm : bool
+        Batch norm between every hidden affine layer and its ReLU.
+    """
+
+    input_dim: int
+    hidden_dims: tuple[int, ...]
+    num_classes: int
+    batchnorm: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        dims = (self.input_dim, *self.hidden_dims, self.num_classes)
+        if any(int(d) < 1 for d in dims):
+            raise ValueError(f"NetSpec: every layer width must be >= 1, got {dims}")
+
+    @property
+    def num_layers(self) -> int:
+        """Affine layers, L + 1."""
+        return len(self.hidden_dims) + 1
+
+
+def weight_shapes(spec: NetSpec) -> list[tuple[int, int]]:
+    """(din, dout) of every affine layer's weight matrix, in layer order."""
+    dims = (spec.input_dim, *spec.hidden_dims, spec.num_classes)
+    return [(dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
+
+
+def param_names(spec: NetSpec) -> list[str]:
+    """Parameter keys in layer order: W1, b1, [gamma1, beta1,] ..., W{L+1}, b{L+1}."""
+    names = []
+    for layer in range(1, spec.num_layers + 1):
+        names += [f"W{layer}", f"b{layer}"]
+        if spec.batchnorm and layer < spec.num_layers:
+            names += [f"gamma{layer}", f"beta{layer}"]
+    return names
+
+
+def init_params(spec: NetSpec, normals: list[np.ndarray], weight_scales, dtype) -> dict:
+    """Initial parameters of one network or a stack: W = weight_scale * normals, b = 0, gamma = 1.
+
+    Parameters
+    ----------
+    spec : NetSpec
+    normals : list of np.ndarray
+        Per layer, float64 standard normals of shape (..., din, dout), e.g. `RunPlan.normals`, or
+        the K plans' normals stacked to (K, din, dout).
+    weight_scales : float or array of shape (...)
+        Standard deviation of the weights, one per network of the stack.
+    dtype : numpy dtype
+        Storage dtype. The product is formed in float64 and then rounded, as the reference rounds
+        ``weight_scale * np.random.randn(...)`` to float32.
+
+    Returns
+    -------
+    dict
+        ``W{l}`` (..., din, dout), ``b{l}`` (..., dout) zeros, ``gamma{l}`` (..., dout) ones and
+        ``beta{l}`` (..., dout) zeros, all of `dtype`.
+    """
+    shapes = weight_shapes(spec)
+    if len(normals) != len(shapes):
+        raise ValueError(f"init_params: {len(normals)} normal arrays for {len(shapes)} layers")
+    scales = np.asarray(weight_scales, dtype=np.float64)
+    lead = normals[0].shape[:-2]
+    if scales.shape not in ((), lead):
+        raise ValueError(
+            f"init_params: weight_scales of shape {scales.shape} must be scalar or {lead}"
+        )
+    params = {}
+    for layer, (shape, z) in enumerate(zip(shapes, normals, strict=True), start=1):
+        if z.shape != (*lead, *shape):
+            raise ValueError(
+                f"init_params: normals for W{layer} have shape {z.shape}, "
+                f"expected {(*lead, *shape)}"
+            )
+        params[f"W{layer}"] = (scales[..., None, None] * z).astype(dtype)
+        params[f"b{layer}"] = np.zeros((*lead, shape[1]), dtype=dtype)
+        if spec.batchnorm and layer < spec.num_layers:
+            params[f"gamma{layer}"] = np.ones((*lead, shape[1]), dtype=dtype)
+            params[f"beta{layer}"] = np.zeros((*lead, shape[1]), dtype=dtype)
+    return params
+
+
+def init_bn_params(
+    spec: NetSpec, lead: tuple[int, ...], dtype, eps: float = 1e-5, momentum: float = 0.9
+) -> list[dict]:
+    """One `bn_param` dict per hidden layer (empty list without batch norm); running stats zeros.
+
+    lead: leading (network) axes, e.g. (K,); running_mean/var have shape (*lead, H_l).
+    """
+    if not spec.batchnorm:
+        return []
+    return [
+        {
+            "mode": "train",
+            "eps": eps,
+            "momentum": momentum,
+            "running_mean": np.zeros((*lead, h), dtype=dtype),
+            "running_var": np.zeros((*lead, h), dtype=dtype),
+        }
+        for h in spec.hidden_dims
+    ]
+
+
+def to_wide(w1: np.ndarray) -> np.ndarray:
+    """Stacked first-layer weights (K, D, H) -> wide (D, K*H); network k is columns k*H:(k+1)*H."""
+    k, d, h = w1.shape
+    return np.ascontiguousarray(w1.transpose(1, 0, 2)).reshape(d, k * h)
+
+
+def from_wide(w1: np.ndarray, k: int) -> np.ndarray:
+    """Wide first-layer weights (D, K * H) -> stacked (K, D, H) (a copy)."""
+    d, kh = w1.shape
+    if kh % k:
+        raise ValueError(f"from_wide: {kh} columns do not split into {k} networks")
+    return np.ascontiguousarray(w1.reshape(d, k, kh // k).transpose(1, 0, 2))
+
+
+def _first_layer(params: dict, X: np.ndarray, wide: bool):
+    """First affine layer in either layout -> (out (..., N, H1) stacked, cache)."""
+    if not wide:
+        return layers.affine_forward(X, params["W1"], params["b1"])
+    b1 = params["b1"]
+    if X.ndim != 2 or b1.ndim != 2:
+        raise ValueError(
+            "wide first layer needs a shared X (N, D) and b1 (K, H), "
+            f"got X {X.shape}, b1 {b1.shape}"
+        )
+    k, h = b1.shape
+    out, cache = layers.affine_forward(X, params["W1"], b1.reshape(k * h))
+    # (N, K*H) -> (K, N, H): one copy of the activations so the later layers see contiguous stacks.
+    return np.ascontiguousarray(out.reshape(X.shape[0], k, h).transpose(1, 0, 2)), cache
+
+
+def forward(
+    spec: NetSpec,
+    params: dict,
+    X: np.ndarray,
+    bn_params: list[dict],
+    bn_mode: str,
+    *,
+    wide: bool = False,
+    keep_caches: bool = True,
+):
+    """Class scores of every network of the stack.
+
+    Parameters
+    ----------
+    spec, params : architecture and parameters (stacked, ``W1`` wide when `wide`).
+    X : (N, D) shared inputs, or (K, N, D) one minibatch per network (stacked layout only).
+    bn_params : list of bn_param dicts (see `init_bn_params`); their ``mode`` is set to `bn_mode`
+        ('train' updates running stats, 'batch' uses the batch's own stats, 'test' the running
+        ones).
+    keep_caches : False drops the caches as it goes (inference).
+
+    Returns
+    -------
+    scores : (..., N, C)
+    caches : list of per-layer caches for `backward` (empty when not `keep_caches`); each hidden
+        layer's batch-norm cache carries the batch ``mean``/``var`` (..., 1, H).
+    """
+    caches = []
+    h = None
+    for layer in range(1, spec.num_layers + 1):
+        if layer == 1:
+            a, affine_cache = _first_layer(params, X, wide)
+        else:
+            a, affine_cache = layers.affine_forward(h, params[f"W{layer}"], params[f"b{layer}"])
+        if layer == spec.num_layers:
+            caches.append((affine_cache, None, None))
+            return a, (caches if keep_caches else [])
+        bn_cache = None
+        if spec.batchnorm:
+            bn_param = bn_params[layer - 1]
+            bn_param["mode"] = bn_mode
+            a, bn_cache = layers.batchnorm_forward(
+                a, params[f"gamma{layer}"], params[f"beta{layer}"], bn_param
+            )
+        h, relu_cache = layers.relu_forward(a)
+        if keep_caches:
+            caches.append((affine_cache, bn_cache, relu_cache))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def backward(spec: NetSpec, dscores: np.ndarray, caches: list, *, wide: bool = False) -> dict:
+    """Gradients of every parameter from the score gradient (..., N, C); no input gradient."""
+    grads = {}
+    dout = dscores
+    for layer in range(spec.num_layers, 0, -1):
+        affine_cache, bn_cache, relu_cache = caches[layer - 1]
+        if layer < spec.num_layers:
+            dout = layers.relu_backward(dout, relu_cache)
+            if spec.batchnorm:
+                dout, grads[f"gamma{layer}"], grads[f"beta{layer}"] = layers.batchnorm_backward_alt(
+                    dout, bn_cache
+                )
+        if layer > 1:
+            dout, grads[f"W{layer}"], grads[f"b{layer}"] = layers.affine_backward(
+                dout, affine_cache
+            )
+        elif wide:
+            k, n, h = dout.shape
+            d_wide = dout.transpose(1, 0, 2).reshape(n, k * h)
+            _, grads["W1"], db = layers.affine_backward(d_wide, affine_cache, need_dx=False)
+            grads["b1"] = db.reshape(k, h)
+        else:
+            _, grads["W1"], grads["b1"] = layers.affine_backward(dout, affine_cache, need_dx=False)
+    return grads
+
+
+def l2_loss(spec: NetSpec, params: dict, reg: float, *, wide: bool = False):
+    """L2 penalty ``0.5 * reg * sum(W**2)`` over weights only -> (loss (...,), grads of the W's)."""
+    loss, grads = 0.0, {}
+    for layer in range(1, spec.num_layers + 1):
+        w = params[f"W{layer}"]
+        if layer == 1 and wide:
+            k = params["b1"].shape[0]
+            w = w.reshape(w.shape[0], k, -1).transpose(1, 0, 2)  # per-network view (K, D, H)
+            penalty, dw = layers.l2_penalty(w, reg)
+            dw = to_wide(dw)
+        else:
+            penalty, dw = layers.l2_penalty(w, reg)
+        loss = loss + penalty
+        grads[f"W{layer}"] = dw
+    return loss, grads
+
+
+def loss_and_grads(
+    spec: NetSpec,
+    params: dict,
+    X: np.ndarray,
+    y: np.ndarray,
+    bn_params: list[dict],
+    *,
+    reg: float = 0.0,
+    wide: bool = False,
+):
+    """Training-mode loss and gradients of every network (CS231n ``FullyConnectedNet.loss``).
+
+    Parameters
+    ----------
+    spec, params : architecture and parameters (stacked; ``W1`` wide when `wide`).
+    X : (N, D) shared minibatch or (K, N, D) one per network (stacked layout).
+    y : (N,) or (K, N) integer labels.
+    bn_params : bn_param dicts; updated in place with the new running statistics.
+    reg : L2 strength on the weights (not biases, gamma, beta).
+
+    Returns
+    -------
+    loss : (...) per-network mean softmax loss plus the L2 penalty.
+    grads : dict with params' keys and shapes.
+    """
+    scores, caches = forward(spec, params, X, bn_params, "train", wide=wide)
+    loss, dscores = layers.softmax_loss(scores, y)
+    grads = backward(spec, dscores, caches, wide=wide)
+    if reg:
+        penalty, reg_grads = l2_loss(spec, params, reg, wide=wide)
+        loss = loss + penalty
+        for key, dw in reg_grads.items():
+            grads[key] = grads[key] + dw
+    return loss, grads
+
+
+def predict(
+    spec: NetSpec, params: dict, X: np.ndarray, bn_params: list[dict], *, wide: bool = False
+) -> np.ndarray:
+    """Predicted classes (..., N) in test mode: batch norm uses the running statistics."""
+    scores, _ = forward(spec, params, X, bn_params, "test", wide=wide, keep_caches=False)
+    return scores.argmax(axis=-1)

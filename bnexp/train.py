@@ -1,0 +1,583 @@
+"""The training loop: CS231n Solver semantics for a group of K networks advanced in lockstep.
+
+A *group* is K networks of one architecture (same `NetSpec`, so the same batch-norm flag) that
+differ in weight scale, learning rate and random plan. They are trained as one stack: every
+parameter has a leading axis K, and one Python-level step per minibatch advances all K. A single
+network is K = 1; there is no other code path. Each network's numbers are the same as if it were
+trained alone (up to the last bits of BLAS summation order; the tests check 1e-10 in float64 and
+identical accuracies).
+
+Semantics (the reference is CS231n's ``Solver`` with ``FullyConnectedNet``, 2017+ notebook):
+
+- ``num_iterations = epochs * max(num_train // batch_size, 1)``; iteration t trains on the plan's
+  minibatch ``batch_indices[t]``, applies one update (Adam by default) and records the minibatch
+  loss.
+- At every epoch end the learning rate is multiplied by ``lr_decay``.
+- Accuracy checks after the first iteration ("epoch 0"), at every epoch end and after the last
+  iteration: accuracy on the whole training subset and on the whole validation set, predictions
+  without dropout and with batch norm in the evaluation mode ``bn_eval`` (below).
+- The best-validation snapshot is replaced only when a check's val accuracy is *strictly* greater
+  than the best so far (which starts at 0.0, as the reference). ``final_train_loss`` is the mean of
+  the last ``loss_window`` minibatch losses.
+- After training, the test accuracy of the best-val snapshot. Difference from the reference: the
+  snapshot keeps the batch-norm statistics used at that check together with the parameters (the
+  reference copies only ``model.params``, so its restored model pairs the best weights with the
+  *last* running averages).
+
+Batch-norm evaluation (``bn_eval``):
+
+- ``running`` (default, the reference): test mode with the exponential running averages updated
+  during training (momentum ``bn_momentum``).
+- ``population``: the paper's Algorithm 2. Before each check, one pass over the training subset in
+  consecutive minibatches of ``batch_size`` (``num_train // batch_size`` full batches) with the
+  current parameters, in training-mode forward (batch statistics, running averages untouched);
+  ``E[x]`` is the mean of the batch means, ``Var[x] = m/(m-1)`` times the mean of the batch
+  variances (`bnexp.layers.batchnorm_population_stats`).
+- ``batch``: each evaluated set (training subset, validation, test) is normalised with its own
+  statistics, computed on the whole set at once.
+
+Divergence: a network whose minibatch loss is not finite at iteration t is marked diverged at t. Its
+update of that iteration is skipped and it is frozen from then on (learning rate 0; its working copy
+of the parameters, optimiser moments and running statistics is reset to finite values so no inf/NaN
+enters the arithmetic shared with its neighbours). Its later losses and accuracies are recorded as
+NaN; its best-val snapshot (from before the divergence) still gives a test accuracy. The reference
+would keep stepping on NaN parameters instead.
+
+Precision: parameters are initialised as ``weight_scale * normals`` in float64 rounded to
+``init_dtype``, then everything (parameters, activations, optimiser state, data) is
+``compute_dtype``. ``init_dtype=float32, compute_dtype=float64`` is what the reference computes
+(float32 parameters, float64 data: NumPy upcasts and Adam returns float64 parameters).
+
+Speed: when all K networks share their minibatch indices (the default numpy plans with one seed),
+the first layer runs as one wide matrix product ``X (N, 3072) @ W1 (3072, K*H)`` and so does its
+weight gradient ``X.T @ dA1``; the accuracy checks score all K networks with one wide product per
+chunk of examples. Otherwise each network's minibatch is gathered and the first layer is a batched
+product. The first-layer update runs in row blocks sized for the CPU cache (element-wise, so the
+numbers do not change).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bnexp import layers, model, optim
+from bnexp.errors import ConfigError
+from bnexp.model import NetSpec
+from bnexp.plan import RunPlan, iterations_per_epoch
+
+BN_EVAL_MODES = ("running", "population", "batch")
+
+#: Examples scored per matrix product in accuracy checks (rows are independent in test mode, so
+#: the chunk size changes speed and memory only; the reference uses 100).
+CHECK_CHUNK = 1000
+
+#: Target bytes of one block of the first-layer update: small enough that the update rule's
+#: temporaries stay in the L2 cache.
+UPDATE_BLOCK_BYTES = 1 << 18
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """Solver hyper-parameters shared by every network of a group.
+
+    Attributes
+    ----------
+    epochs, batch_size : int
+        ``num_iterations = epochs * max(num_train // batch_size, 1)``.
+    update_rule : {'sgd', 'sgd_momentum', 'adam'}
+    learning_rate : float
+        Used for members whose own learning rate is None.
+    lr_decay : float
+        Multiplies the learning rate at every epoch end.
+    bn_eval : {'running', 'population', 'batch'}
+        Batch-norm statistics used for accuracy checks (see the module docstring).
+    bn_momentum, bn_eps : float
+        Running-average momentum (weights the old value) and the eps inside the square root.
+    reg : float
+        L2 strength, ``0.5 * reg * sum(W**2)`` over weights only.
+    dtype : str
+        Model dtype; the default for `init_dtype` and `compute_dtype`.
+    init_dtype, compute_dtype : str or None
+        Rounding of the initial weights and dtype of all arithmetic; None means `dtype`.
+    loss_window : int
+        ``final_train_loss`` averages the last this-many minibatch losses (100, the notebook).
+    optim_config : tuple of (key, value)
+        Extra update-rule hyper-parameters, e.g. ``(("beta1", 0.9),)``; defaults are CS231n's.
+    """
+
+    epochs: int = 10
+    batch_size: int = 50
+    update_rule: str = "adam"
+    learning_rate: float = 1e-3
+    lr_decay: float = 1.0
+    bn_eval: str = "running"
+    bn_momentum: float = 0.9
+    bn_eps: float = 1e-5
+    reg: float = 0.0
+    dtype: str = "float32"
+    init_dtype: str | None = None
+    compute_dtype: str | None = None
+    loss_window: int = 100
+    optim_config: tuple = ()
+
+    @property
+    def init_np_dtype(self) -> np.dtype:
+        """Resolved dtype the initial weights are rounded to."""
+        return np.dtype(self.init_dtype or self.dtype)
+
+    @property
+    def compute_np_dtype(self) -> np.dtype:
+        """Resolved dtype of parameters, activations and optimiser state."""
+        return np.dtype(self.compute_dtype or self.dtype)
+
+    def num_iterations(self, num_train: int) -> int:
+        """Total solver iterations for a training subset of `num_train` examples."""
+        return self.epochs * iterations_per_epoch(num_train, self.batch_size)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of a group: its weight scale, learning rate (None: the settings') and plan."""
+
+    weight_scale: float
+    learning_rate: float | None
+    plan: RunPlan
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Data of one experiment; features float64 (N, D), labels int (N,). Test split optional."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+@dataclass
+class RunResult:
+    """Outcome of one network's training.
+
+    Attributes
+    ----------
+    train_acc_history, val_acc_history : list of float
+        One value per check (NaN after divergence); checks at `check_iterations`.
+    test_acc : float or None
+        Test accuracy of the best-val snapshot (None without a test split).
+    loss_history : np.ndarray
+        (num_iterations,) float64 minibatch losses (NaN from the divergence iteration on).
+    best_train_acc : float
+        Highest finite train accuracy over the checks (NaN if none).
+    best_val_acc : float
+        The Solver's best_val_acc: highest val accuracy, starting from 0.0.
+    final_train_loss : float
+        Mean of the last `loss_window` minibatch losses.
+    diverged : bool
+    diverged_iteration : int or None
+        Iteration whose minibatch loss was first not finite.
+    seconds : float
+        The group's wall time divided by K (the network's share of lockstep training).
+    check_iterations : list of int
+        0-based iterations after which the checks ran.
+    best_check : int or None
+        Index into the histories of the snapshot used for `test_acc` (None: never beat 0.0, the
+        initial parameters were used).
+    """
+
+    train_acc_history: list[float]
+    val_acc_history: list[float]
+    test_acc: float | None
+    loss_history: np.ndarray
+    best_train_acc: float
+    best_val_acc: float
+    final_train_loss: float
+    diverged: bool
+    diverged_iteration: int | None
+    seconds: float
+    check_iterations: list[int] = field(default_factory=list)
+    best_check: int | None = None
+
+
+def check_schedule(num_iterations: int, per_epoch: int) -> list[int]:
+    """Iterations after which the Solver checks accuracy: the first, every epoch end, the last."""
+    return [
+        t
+        for t in range(num_iterations)
+        if t == 0 or t == num_iterations - 1 or (t + 1) % per_epoch == 0
+    ]
+
+
+def _validate(spec: NetSpec, members: list[Member], data: TrainData, settings: SolverSettings):
+    """Raise ConfigError/ValueError for inconsistent inputs before any work is done."""
+    if not members:
+        raise ValueError("train_group: no members")
+    if settings.update_rule not in optim.UPDATE_RULES:
+        raise ConfigError(
+            f"unknown update_rule {settings.update_rule!r}: choose one of "
+            f"{', '.join(optim.UPDATE_RULES)}"
+        )
+    if settings.bn_eval not in BN_EVAL_MODES:
+        raise ConfigError(
+            f"unknown bn_eval {settings.bn_eval!r}: choose one of {', '.join(BN_EVAL_MODES)}"
+        )
+    for name, value in (
+        ("init_dtype", settings.init_np_dtype),
+        ("compute_dtype", settings.compute_np_dtype),
+    ):
+        if value not in (np.float32, np.float64):
+            raise ConfigError(f"solver {name} must be float32 or float64, got {value}")
+    for split in ("train", "val", "test"):
+        X, y = getattr(data, f"X_{split}"), getattr(data, f"y_{split}")
+        if X is None and split == "test":
+            continue
+        if X.ndim != 2 or X.shape[1] != spec.input_dim or y.shape != (X.shape[0],):
+            raise ValueError(
+                f"train_group: X_{split} {X.shape} / y_{split} {y.shape} do not match "
+                f"(N, {spec.input_dim}) / (N,)"
+            )
+    num_iterations = settings.num_iterations(data.X_train.shape[0])
+    expected = (num_iterations, settings.batch_size)
+    for k, member in enumerate(members):
+        if member.plan.batch_indices.shape != expected:
+            raise ValueError(
+                f"train_group: member {k} plan has batch_indices "
+                f"{member.plan.batch_indices.shape}, "
+                f"the settings need {expected}"
+            )
+    if settings.bn_eval == "population" and spec.batchnorm:
+        m = min(settings.batch_size, data.X_train.shape[0])
+        if m < 2:
+            raise ConfigError("bn_eval 'population' needs minibatches of >= 2 examples")
+
+
+class _Updater:
+    """The update rule applied to one (stacked) parameter, in blocks along axis 0.
+
+    Blocks keep the rule's element-wise temporaries cache-sized; they do not change the numbers.
+    `lr_axis0` says whether axis 0 is the network axis (lr sliced per block) or not (wide W1:
+    the rate varies along the columns and is the same for every block).
+    """
+
+    def __init__(self, rule, shape, itemsize, hyper: dict, lr_axis0: bool, single: bool):
+        self.rule = rule
+        row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * itemsize, 1)
+        rows = shape[0] if single else max(1, UPDATE_BLOCK_BYTES // row_bytes)
+        self.blocks = [slice(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)]
+        self.whole = len(self.blocks) == 1
+        self.lr_axis0 = lr_axis0
+        self.states = [dict(hyper) for _ in self.blocks]
+
+    def set_learning_rate(self, lr: np.ndarray) -> None:
+        """lr: per-network rates, (K,) for stacked params or (1, K*H) for the wide W1."""
+        for blk, state in zip(self.blocks, self.states, strict=True):
+            state["learning_rate"] = lr[blk] if self.lr_axis0 else lr
+
+    def step(self, w: np.ndarray, dw: np.ndarray) -> np.ndarray:
+        """Return the updated parameter (written into w block by block when blocked)."""
+        if self.whole:
+            new_w, self.states[0] = self.rule(w, dw, self.states[0])
+            return new_w
+        for i, blk in enumerate(self.blocks):
+            w[blk], self.states[i] = self.rule(w[blk], dw[blk], self.states[i])
+        return w
+
+    def reset_network(self, k: int, width: int | None) -> None:
+        """Zero network k's moments (rows k, or columns k*width:(k+1)*width of the wide W1)."""
+        for blk, state in zip(self.blocks, self.states, strict=True):
+            for key in ("m", "v", "velocity"):
+                moment = state.get(key)
+                if moment is None:
+                    continue
+                if width is None:
+                    if blk.start <= k < blk.stop:
+                        moment[k - blk.start] = 0
+                else:
+                    moment[:, k * width : (k + 1) * width] = 0
+
+
+class _Group:
+    """Mutable training state of a lockstep group (parameters, BN state, optimiser, bookkeeping)."""
+
+    def __init__(self, spec, members, settings, wide):
+        self.spec, self.settings, self.wide = spec, settings, wide
+        self.K = len(members)
+        self.dtype = settings.compute_np_dtype
+        normals = [np.stack([m.plan.normals[i] for m in members]) for i in range(spec.num_layers)]
+        scales = np.array([m.weight_scale for m in members], dtype=np.float64)
+        params = model.init_params(spec, normals, scales, settings.init_np_dtype)
+        params = {key: value.astype(self.dtype) for key, value in params.items()}
+        if wide:
+            params["W1"] = model.to_wide(params["W1"])
+        self.params = params
+        self.bn_params = model.init_bn_params(
+            spec, (self.K,), self.dtype, settings.bn_eps, settings.bn_momentum
+        )
+        self.lr = np.array(
+            [
+                settings.learning_rate if m.learning_rate is None else m.learning_rate
+                for m in members
+            ],
+            dtype=np.float64,
+        )
+        rule = optim.UPDATE_RULES[settings.update_rule]
+        hyper = dict(settings.optim_config)
+        self.updaters = {
+            key: _Updater(
+                rule,
+                value.shape,
+                value.itemsize,
+                hyper,
+                lr_axis0=not (key == "W1" and wide),
+                single=key != "W1",
+            )
+            for key, value in params.items()
+        }
+        self.alive = np.ones(self.K, dtype=bool)
+        self._push_learning_rates()
+
+    def _push_learning_rates(self) -> None:
+        lr = np.where(self.alive, self.lr, 0.0)
+        h1 = self.spec.hidden_dims[0] if self.spec.hidden_dims else self.spec.num_classes
+        for key, updater in self.updaters.items():
+            if key == "W1" and self.wide:
+                updater.set_learning_rate(np.repeat(lr, h1)[None, :])
+            else:
+                updater.set_learning_rate(lr)
+
+    def decay_learning_rates(self, factor: float) -> None:
+        """lr *= factor per network (repeated multiplication, as the reference's config update)."""
+        self.lr = self.lr * factor
+        self._push_learning_rates()
+
+    def network_slices(self, key: str, k: int):
+        """Index of network k inside params[key] (columns of the wide W1, else row k)."""
+        if key == "W1" and self.wide:
+            h1 = self.params["b1"].shape[1]
+            return (slice(None), slice(k * h1, (k + 1) * h1))
+        return (k,)
+
+    def freeze(self, ks) -> None:
+        """Mark networks ks diverged: lr 0, parameters/moments/running stats reset to finite."""
+        self.alive[ks] = False
+        self._push_learning_rates()
+        h1 = self.params["b1"].shape[1]
+        for k in ks:
+            for key, value in self.params.items():
+                value[self.network_slices(key, k)] = 0
+                self.updaters[key].reset_network(k, h1 if key == "W1" and self.wide else None)
+            for bn_param in self.bn_params:
+                bn_param["running_mean"][k] = 0
+                bn_param["running_var"][k] = 1
+
+    def zero_dead_grads(self, grads: dict) -> None:
+        """Zero the gradients of diverged networks so their (zero-rate) updates stay exactly 0."""
+        for k in np.flatnonzero(~self.alive):
+            for key, g in grads.items():
+                g[self.network_slices(key, k)] = 0
+
+    def step(self, grads: dict) -> None:
+        """One update of every parameter."""
+        for key, updater in self.updaters.items():
+            self.params[key] = updater.step(self.params[key], grads[key])
+
+    def snapshot(self, ks, store: dict, stats: list[tuple[np.ndarray, np.ndarray]] | None) -> None:
+        """Copy networks ks' parameters (and the BN stats used at this check) into store."""
+        for k in ks:
+            for key, value in self.params.items():
+                idx = self.network_slices(key, k)
+                store["params"][key][idx] = value[idx]
+            if stats is not None:
+                for (mean, var), (s_mean, s_var) in zip(stats, store["stats"], strict=True):
+                    s_mean[k] = mean[k]
+                    s_var[k] = var[k]
+
+
+def _eval_bn_params(stats, settings) -> list[dict]:
+    """Fresh test-mode bn_param dicts around given (mean, var) pairs (K, H)."""
+    return [
+        {"mode": "test", "eps": settings.bn_eps, "running_mean": m, "running_var": v}
+        for m, v in stats
+    ]
+
+
+def _population_stats(group: _Group, X: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Algorithm 2 statistics per BN layer from consecutive training minibatches: [(mean, var)]."""
+    spec, settings = group.spec, group.settings
+    m = min(settings.batch_size, X.shape[0])
+    num_batches = max(X.shape[0] // m, 1)
+    means = [[] for _ in spec.hidden_dims]
+    variances = [[] for _ in spec.hidden_dims]
+    scratch = [dict(mode="batch", eps=settings.bn_eps) for _ in spec.hidden_dims]
+    for b in range(num_batches):
+        xb = X[b * m : (b + 1) * m]  # shared (m, D); stacked W1 broadcasts it over the K nets
+        _, caches = model.forward(spec, group.params, xb, scratch, "batch", wide=group.wide)
+        for layer, (_, bn_cache, _) in enumerate(caches[:-1]):
+            means[layer].append(bn_cache["mean"][..., 0, :])
+            variances[layer].append(bn_cache["var"][..., 0, :])
+    return [
+        layers.batchnorm_population_stats(np.stack(mu), np.stack(var), m)
+        for mu, var in zip(means, variances, strict=True)
+    ]
+
+
+def _accuracy(group: _Group, params: dict, X: np.ndarray, y: np.ndarray, bn_stats) -> np.ndarray:
+    """Accuracy (K,) of every network on (X, y); bn_stats None means 'batch' normalisation."""
+    spec = group.spec
+    if spec.batchnorm and bn_stats is None:
+        scratch = [dict(mode="batch", eps=group.settings.bn_eps) for _ in spec.hidden_dims]
+        chunks = [slice(0, X.shape[0])]  # batch statistics need the whole set at once
+    else:
+        scratch = _eval_bn_params(bn_stats or [], group.settings)
+        chunks = [slice(i, i + CHECK_CHUNK) for i in range(0, X.shape[0], CHECK_CHUNK)]
+    mode = "batch" if bn_stats is None else "test"
+    correct = np.zeros(group.K, dtype=np.int64)
+    for chunk in chunks:
+        scores, _ = model.forward(
+            spec, params, X[chunk], scratch, mode, wide=group.wide, keep_caches=False
+        )
+        correct += (scores.argmax(axis=-1) == y[chunk]).sum(axis=-1)
+    return correct / X.shape[0]
+
+
+def train_group(
+    spec: NetSpec,
+    members: list[Member],
+    data: TrainData,
+    settings: SolverSettings,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[RunResult]:
+    """Train K networks of one architecture in lockstep with CS231n Solver semantics.
+
+    Parameters
+    ----------
+    spec : NetSpec
+        The shared architecture (batch norm or not).
+    members : list of Member
+        Per network: weight scale, learning rate, plan (normals per layer (din, dout) and
+        batch_indices (num_iterations, batch_size)).
+    data : TrainData
+        float64 features X_* (N, input_dim), int labels y_* (N,); cast once to the compute dtype.
+    settings : SolverSettings
+    on_progress : callable, optional
+        Called with the number of iterations done after every iteration.
+
+    Returns
+    -------
+    list of RunResult, in the order of `members`.
+    """
+    _validate(spec, members, data, settings)
+    start = time.perf_counter()
+    K = len(members)
+    num_train = data.X_train.shape[0]
+    per_epoch = iterations_per_epoch(num_train, settings.batch_size)
+    num_iterations = settings.num_iterations(num_train)
+    checks = check_schedule(num_iterations, per_epoch)
+    dtype = settings.compute_np_dtype
+
+    indices = np.stack([m.plan.batch_indices for m in members])  # (K, T, N)
+    wide = bool((indices == indices[:1]).all())
+    group = _Group(spec, members, settings, wide)
+
+    X_train = np.ascontiguousarray(data.X_train, dtype=dtype)
+    X_val = np.ascontiguousarray(data.X_val, dtype=dtype)
+    y_train = np.asarray(data.y_train)
+    y_val = np.asarray(data.y_val)
+
+    losses = np.full((K, num_iterations), np.nan)
+    train_hist = np.full((K, len(checks)), np.nan)
+    val_hist = np.full((K, len(checks)), np.nan)
+    diverged_at = np.full(K, -1)
+    best_val = np.zeros(K)
+    best_check = np.full(K, -1)
+    best = {
+        "params": {key: value.copy() for key, value in group.params.items()},
+        "stats": [(p["running_mean"].copy(), p["running_var"].copy()) for p in group.bn_params],
+    }
+
+    with np.errstate(all="ignore"):  # a diverging network overflows by design; it is contained
+        check_index = 0
+        for t in range(num_iterations):
+            if wide:
+                rows = indices[0, t]
+                xb, yb = X_train[rows], y_train[rows]
+            else:
+                rows = indices[:, t]
+                xb, yb = X_train[rows], y_train[rows]
+            loss, grads = model.loss_and_grads(
+                spec, group.params, xb, yb, group.bn_params, reg=settings.reg, wide=wide
+            )
+            newly = np.flatnonzero(group.alive & ~np.isfinite(loss))
+            if newly.size:
+                diverged_at[newly] = t
+                group.freeze(newly)
+            losses[group.alive, t] = loss[group.alive]
+            group.zero_dead_grads(grads)
+            group.step(grads)
+            if (t + 1) % per_epoch == 0:
+                group.decay_learning_rates(settings.lr_decay)
+
+            if check_index < len(checks) and checks[check_index] == t:
+                stats = _check_stats(group, X_train)
+                train_acc = _accuracy(group, group.params, X_train, y_train, stats)
+                val_acc = _accuracy(group, group.params, X_val, y_val, stats)
+                dead = ~group.alive
+                train_acc[dead] = np.nan
+                val_acc[dead] = np.nan
+                train_hist[:, check_index] = train_acc
+                val_hist[:, check_index] = val_acc
+                improved = np.flatnonzero(val_acc > best_val)  # strict, NaN never improves
+                best_val[improved] = val_acc[improved]
+                best_check[improved] = check_index
+                group.snapshot(improved, best, stats)
+                check_index += 1
+            if on_progress is not None:
+                on_progress(t + 1)
+
+        test_acc = [None] * K
+        if data.X_test is not None:
+            X_test = np.ascontiguousarray(data.X_test, dtype=dtype)
+            stats = best["stats"] if settings.bn_eval != "batch" else None
+            acc = _accuracy(group, best["params"], X_test, np.asarray(data.y_test), stats)
+            test_acc = [float(a) for a in acc]
+
+    seconds = (time.perf_counter() - start) / K
+    window = max(int(settings.loss_window), 1)
+    results = []
+    for k in range(K):
+        finite_train = train_hist[k][np.isfinite(train_hist[k])]
+        results.append(
+            RunResult(
+                train_acc_history=[float(a) for a in train_hist[k]],
+                val_acc_history=[float(a) for a in val_hist[k]],
+                test_acc=test_acc[k],
+                loss_history=losses[k],
+                best_train_acc=float(finite_train.max()) if finite_train.size else float("nan"),
+                best_val_acc=float(best_val[k]),
+                final_train_loss=float(np.mean(losses[k, -window:])),
+                diverged=bool(diverged_at[k] >= 0),
+                diverged_iteration=int(diverged_at[k]) if diverged_at[k] >= 0 else None,
+                seconds=seconds,
+                check_iterations=list(checks),
+                best_check=int(best_check[k]) if best_check[k] >= 0 else None,
+            )
+        )
+    return results
+
+
+def _check_stats(group: _Group, X_train: np.ndarray):
+    """BN statistics for a check: running averages, Algorithm 2 population stats, or None
+    (batch)."""
+    if not group.spec.batchnorm:
+        return []
+    mode = group.settings.bn_eval
+    if mode == "running":
+        return [(p["running_mean"], p["running_var"]) for p in group.bn_params]
+    if mode == "population":
+        return _population_stats(group, X_train)
+    return None
