@@ -1,0 +1,381 @@
+"""The on-disk records of an experiment: atomic writes, run folders, results.csv, manifest.
+
+Layout of an output folder OUT::
+
+    OUT/config.yaml          the resolved experiment config
+    OUT/manifest.json        versions, BLAS, git commit, seed, data checksums, times, command line
+    OUT/results.csv          one row per finished run
+    OUT/runs/<run_id>/       config.yaml, metrics.jsonl (one line per accuracy check), summary.json
+    OUT/plots/               PNG and SVG figures
+
+Every file is written to a temporary file in the same folder and moved into place with
+`os.replace`, so a reader (or a Ctrl-C) never sees half a file. A run's ``summary.json`` is written
+last: its presence marks the run finished, and a re-run skips it.
+
+A summary.json holds (written by bnexp.sweep; the plots and results.csv read these names):
+run_id, index, batchnorm, weight_scale, learning_rate, seed, rng, hidden_dims, dtype, num_train,
+num_val, num_test, epochs, batch_size, iterations_per_epoch, update_rule, train_acc_history and
+val_acc_history (epochs + 1 values, null where not evaluated after a divergence),
+check_iterations, test_acc, loss_history (one per iteration, null when not finite),
+best_train_acc, best_val_acc, final_train_loss (mean of the last loss_window losses, null if not
+finite), diverged, diverged_iteration, status ("ok" | "diverged"), seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnexp.config import dump_yaml
+from bnexp.errors import OutputError
+
+RESULTS_COLUMNS = (
+    "run_id",
+    "batchnorm",
+    "weight_scale",
+    "best_train_acc",
+    "best_val_acc",
+    "final_train_loss",
+    "diverged",
+    "status",
+    "seconds",
+    "learning_rate",
+    "seed",
+    "test_acc",
+)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays to Python, tuples to lists, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _json_text(obj: Any, indent: int | None = 2) -> str:
+    """Standard JSON (no NaN/Infinity tokens)."""
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to path atomically (temp file in the same folder, fsync, os.replace).
+
+    Raises OutputError naming the file when it cannot be written.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise OutputError(
+            f"{path}: cannot write ({exc.strerror or exc}); choose a writable output folder with -o"
+        ) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write obj as standard JSON atomically; NaN and +-inf become null."""
+    atomic_write_text(path, _json_text(obj) + "\n")
+
+
+def prepare_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> Path:
+    """Create OUT and OUT/runs/ and store the resolved config in OUT/config.yaml.
+
+    Parameters
+    ----------
+    out : the output folder (created with its parents when missing).
+    config_yaml : the resolved config text (`config.config_to_yaml`).
+    force : overwrite a different OUT/config.yaml (finished runs whose ids still match are kept).
+
+    Returns
+    -------
+    Path of OUT.
+
+    Raises
+    ------
+    OutputError : OUT cannot be created or written, or it holds results of a different config.
+    """
+    out = Path(out)
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(
+            f"{out}: cannot create the output folder (a file is in the way); choose another -o"
+        ) from None
+    except OSError as exc:
+        raise OutputError(
+            f"{out}: cannot create the output folder ({exc.strerror or exc}); "
+            "choose a writable -o folder"
+        ) from None
+    config_path = out / "config.yaml"
+    if config_path.exists():
+        try:
+            old = config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OutputError(f"{config_path}: cannot read ({exc}); use a new -o folder") from None
+        if old != config_yaml and not force:
+            raise OutputError(
+                f"{out} holds results of a different config; use a new -o folder or --force"
+            )
+    # Written even when unchanged: this is also the check that OUT is writable.
+    atomic_write_text(config_path, config_yaml)
+    return out
+
+
+def run_dir(out: str | Path, run_id: str) -> Path:
+    """OUT/runs/<run_id>."""
+    return Path(out) / "runs" / run_id
+
+
+def _read_json(path: Path) -> Any:
+    """Parsed JSON, or None when missing or unparseable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def is_finished(out: str | Path, run_id: str) -> bool:
+    """True when the run's summary.json (written last, the commit marker) exists and parses."""
+    return isinstance(_read_json(run_dir(out, run_id) / "summary.json"), dict)
+
+
+def write_run(
+    out: str | Path,
+    run_id: str,
+    run_config: dict,
+    summary: dict,
+    metrics: Sequence[dict],
+) -> Path:
+    """Write a finished run: config.yaml, metrics.jsonl, then summary.json (each atomic).
+
+    Parameters
+    ----------
+    run_config : `config.run_config_dict(run)`.
+    summary : the run's results (fields in the module docstring);
+        `run_id` is added when missing. NaN/inf are stored as null.
+    metrics : one dict per accuracy check (e.g. epoch, iteration, train_acc, val_acc).
+
+    Returns
+    -------
+    Path of the run folder.
+    """
+    folder = run_dir(out, run_id)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"{folder}: cannot create ({exc.strerror or exc}); choose a writable -o folder"
+        ) from None
+    atomic_write_text(folder / "config.yaml", dump_yaml(to_jsonable(run_config)))
+    lines = "".join(_json_text(m, indent=None) + "\n" for m in metrics)
+    atomic_write_text(folder / "metrics.jsonl", lines)
+    atomic_write_json(folder / "summary.json", {"run_id": run_id, **summary})
+    return folder
+
+
+def read_summaries(out: str | Path, run_ids: Iterable[str] | None = None) -> list[dict]:
+    """The summaries of the finished runs in OUT/runs, ordered by (index, run_id).
+
+    Unfinished run folders (no or unparseable summary.json) are skipped. With `run_ids`, only
+    those runs (e.g. the current config's, when --force left runs of an older config behind).
+    """
+    runs = Path(out) / "runs"
+    if not runs.is_dir():
+        return []
+    wanted = None if run_ids is None else set(run_ids)
+    summaries = []
+    for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
+        if wanted is not None and folder.name not in wanted:
+            continue
+        summary = _read_json(folder / "summary.json")
+        if isinstance(summary, dict):
+            summary.setdefault("run_id", folder.name)
+            summaries.append(summary)
+    summaries.sort(key=lambda s: (_sort_index(s.get("index")), str(s["run_id"])))
+    return summaries
+
+
+def _sort_index(index: Any) -> int:
+    return index if isinstance(index, int) and not isinstance(index, bool) else sys.maxsize
+
+
+def _csv_cell(value: Any) -> str:
+    """Booleans as true/false, floats with repr precision, None/NaN as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value)) if math.isfinite(value) else ""
+    return str(value)
+
+
+def results_csv_text(summaries: Sequence[dict]) -> str:
+    """The results.csv text: a header of RESULTS_COLUMNS, one row per summary in the given order."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(RESULTS_COLUMNS)
+    for s in summaries:
+        writer.writerow([_csv_cell(s.get(col)) for col in RESULTS_COLUMNS])
+    return buf.getvalue()
+
+
+def write_results_csv(out: str | Path, summaries: Sequence[dict]) -> Path:
+    """Write OUT/results.csv atomically (see `results_csv_text`); returns its path."""
+    path = Path(out) / "results.csv"
+    atomic_write_text(path, results_csv_text(summaries))
+    return path
+
+
+def write_manifest(out: str | Path, manifest: dict) -> Path:
+    """Write OUT/manifest.json atomically; returns its path."""
+    path = Path(out) / "manifest.json"
+    atomic_write_json(path, manifest)
+    return path
+
+
+def _git_info(folder: Path) -> dict | None:
+    """{commit, dirty} of the git work tree holding folder, or None (no git, not a work tree)."""
+    folder = folder if folder.is_dir() else folder.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return {"commit": commit.stdout.strip(), "dirty": dirty}
+
+
+def _blas_info() -> list[dict]:
+    """BLAS/OpenMP libraries numpy uses (threadpoolctl), without file paths of this machine."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keep = ("user_api", "internal_api", "prefix", "version", "threading_layer", "architecture")
+    return [{k: lib[k] for k in (*keep, "num_threads") if k in lib} for lib in threadpool_info()]
+
+
+def _portable(value: Any) -> Any:
+    """Absolute paths in manifest fields made relative to the working dir, or reduced to a name."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v) for v in value]
+    if isinstance(value, (str, Path)) and os.path.isabs(str(value)):
+        path = Path(value)
+        try:
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return path.name
+    if isinstance(value, str) and "=" in value:  # KEY=/abs/path overrides on the command line
+        key, _, rest = value.partition("=")
+        if os.path.isabs(rest):
+            return f"{key}={_portable(rest)}"
+    return value
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 with seconds."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def collect_manifest(
+    *,
+    out: str | Path | None = None,
+    seed: Any = None,
+    rng: str | None = None,
+    data_source: dict | None = None,
+    command: Sequence[str] | None = None,
+    start_time: str | None = None,
+    end_time: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The environment and provenance fields of OUT/manifest.json.
+
+    Parameters
+    ----------
+    out : the output folder; its git work tree is used when the package is not in one.
+    seed, rng : the config's root seed(s) and rng mode.
+    data_source : `data.Splits.source` (layout, per-file checksums).
+    command : the command line (default sys.argv with argv[0] shown as 'bnexp').
+    start_time, end_time : ISO 8601 strings (start defaults to now; end stays None until set).
+    extra : more fields merged in last.
+
+    Absolute paths are stored relative to the working folder (or as bare names), so a committed
+    manifest does not reveal the machine it ran on.
+    """
+    import bnexp
+
+    git = _git_info(Path(bnexp.__file__).resolve().parent)
+    git_source = "package" if git else None
+    if git is None and out is not None:
+        git = _git_info(Path(out).resolve())
+        git_source = "output" if git else None
+    argv = list(command) if command is not None else ["bnexp", *sys.argv[1:]]
+    manifest = {
+        "bnexp_version": bnexp.__version__,
+        "python_version": platform.python_version(),
+        "numpy_version": np.__version__,
+        "platform": platform.platform(),
+        "blas": _blas_info(),
+        "git_commit": git["commit"] if git else None,
+        "git_dirty": git["dirty"] if git else None,
+        "git_source": git_source,
+        "seed": seed,
+        "rng": rng,
+        "data": _portable(data_source) if data_source is not None else None,
+        "start_time": start_time or now_iso(),
+        "end_time": end_time,
+        "command": _portable(argv),
+    }
+    if extra:
+        manifest.update(extra)
+    return to_jsonable(manifest)

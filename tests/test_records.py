@@ -1,0 +1,189 @@
+"""Records: atomic standard JSON, output-folder guard, commit marker, results.csv, manifest."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from bnexp import records
+from bnexp.errors import OutputError
+
+
+def strict_json(text):
+    """json.loads that fails on NaN/Infinity tokens (not standard JSON)."""
+
+    def reject(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def summary(index, **kw):
+    base = {
+        "index": index,
+        "batchnorm": index % 2 == 0,
+        "weight_scale": 10.0 ** -(index + 1) / 3,
+        "learning_rate": 1e-3,
+        "seed": 231,
+        "best_train_acc": 0.5,
+        "best_val_acc": 0.25,
+        "final_train_loss": 1.2345678901234567,
+        "diverged": False,
+        "status": "ok",
+        "seconds": 2.5,
+        "test_acc": None,
+        "loss_history": [2.3, 2.2],
+    }
+    return {**base, **kw}
+
+
+def test_atomic_json_is_standard_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "a.json"
+    obj = {
+        "nan": float("nan"),
+        "inf": [1.0, float("inf"), -np.inf],
+        "np": np.float32(0.5),
+        "arr": np.array([1, 2]),
+        "b": np.bool_(True),
+        "t": (1, 2),
+    }
+    records.atomic_write_json(path, obj)
+    data = strict_json(path.read_text())
+    assert data == {"nan": None, "inf": [1.0, None, None], "np": 0.5, "arr": [1, 2], "b": True,
+                    "t": [1, 2]}  # fmt: skip
+    records.atomic_write_text(path, "second")
+    assert path.read_text() == "second"
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_atomic_write_into_missing_folder_is_an_output_error(tmp_path):
+    with pytest.raises(OutputError, match="cannot write"):
+        records.atomic_write_text(tmp_path / "missing" / "x.txt", "x")
+    assert os.listdir(tmp_path) == []
+
+
+def test_prepare_output_dir(tmp_path):
+    out = tmp_path / "a" / "out"
+    assert records.prepare_output_dir(out, "name: a\n") == out
+    assert (out / "runs").is_dir()
+    assert (out / "config.yaml").read_text() == "name: a\n"
+    records.prepare_output_dir(out, "name: a\n")  # same config: resume
+    with pytest.raises(OutputError, match="different config; use a new -o folder or --force"):
+        records.prepare_output_dir(out, "name: b\n")
+    assert (out / "config.yaml").read_text() == "name: a\n"  # refused: nothing written
+    records.prepare_output_dir(out, "name: b\n", force=True)
+    assert (out / "config.yaml").read_text() == "name: b\n"
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError) as info:
+        records.prepare_output_dir(blocker / "out", "name: a\n")
+    assert str(blocker / "out") in str(info.value) and "-o" in str(info.value)
+    with pytest.raises(OutputError, match="a file is in the way"):
+        records.prepare_output_dir(blocker, "name: a\n")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_output_dir(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="-o"):
+            records.prepare_output_dir(tmp_path / "out", "name: a\n")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_write_run_and_read_back(tmp_path):
+    records.prepare_output_dir(tmp_path, "name: a\n")
+    run_config = {"seed": 1, "model": {"weight_scale": 0.1, "hidden_dims": [5, 5]}}
+    metrics = [{"epoch": 0, "iteration": 1, "train_acc": 0.1, "val_acc": float("nan")}]
+    folder = records.write_run(tmp_path, "abc", run_config, summary(1, final_train_loss=np.inf),
+                               metrics)  # fmt: skip
+    assert folder == tmp_path / "runs" / "abc"
+    assert records.is_finished(tmp_path, "abc")
+    assert not records.is_finished(tmp_path, "zzz")
+    saved = strict_json((folder / "summary.json").read_text())
+    assert saved["run_id"] == "abc" and saved["final_train_loss"] is None
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert [strict_json(line) for line in lines] == [{**metrics[0], "val_acc": None}]
+    assert yaml.safe_load((folder / "config.yaml").read_text()) == run_config
+
+
+def test_unfinished_runs_are_skipped_and_summaries_ordered(tmp_path):
+    records.prepare_output_dir(tmp_path, "name: a\n")
+    for rid, index in (("bbb", 2), ("aaa", 1), ("ccc", 0)):
+        records.write_run(tmp_path, rid, {}, summary(index), [])
+    # A run interrupted before its summary (the commit marker), and one with a torn summary.
+    (tmp_path / "runs" / "ddd").mkdir()
+    (tmp_path / "runs" / "ddd" / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "runs" / "eee").mkdir()
+    (tmp_path / "runs" / "eee" / "summary.json").write_text('{"index": ')
+    assert not records.is_finished(tmp_path, "ddd")
+    assert not records.is_finished(tmp_path, "eee")
+    got = records.read_summaries(tmp_path)
+    assert [s["run_id"] for s in got] == ["ccc", "aaa", "bbb"]
+    assert [s["run_id"] for s in records.read_summaries(tmp_path, ["bbb", "ddd"])] == ["bbb"]
+    assert records.read_summaries(tmp_path / "nowhere") == []
+
+
+def test_results_csv(tmp_path):
+    rows = [
+        {"run_id": "r0", **summary(0)},
+        {"run_id": "r1", **summary(1, diverged=True, status="diverged", final_train_loss=None,
+                                     best_val_acc=float("nan"))},
+    ]  # fmt: skip
+    path = records.write_results_csv(tmp_path, rows)
+    text = path.read_text()
+    header = text.splitlines()[0].split(",")
+    assert header[:9] == [
+        "run_id",
+        "batchnorm",
+        "weight_scale",
+        "best_train_acc",
+        "best_val_acc",
+        "final_train_loss",
+        "diverged",
+        "status",
+        "seconds",
+    ]
+    assert header == list(records.RESULTS_COLUMNS)
+    got = list(csv.DictReader(text.splitlines()))
+    assert got[0]["batchnorm"] == "true" and got[0]["diverged"] == "false"
+    assert got[1]["diverged"] == "true" and got[1]["status"] == "diverged"
+    assert got[1]["final_train_loss"] == "" and got[1]["best_val_acc"] == ""
+    # repr precision: the exact floats come back.
+    assert float(got[0]["final_train_loss"]) == rows[0]["final_train_loss"]
+    assert float(got[1]["weight_scale"]) == rows[1]["weight_scale"]
+    assert got[0]["test_acc"] == ""
+    assert "loss_history" not in got[0]
+    # Rewriting with the same summaries gives the same bytes (stable order, no timestamps).
+    assert records.results_csv_text(rows) == text
+
+
+def test_manifest(tmp_path):
+    manifest = records.collect_manifest(
+        out=tmp_path,
+        seed=[231],
+        rng="numpy",
+        data_source={"dir": str(tmp_path / "cifar10"), "checksums": {"data_batch_1.bin": "ab"}},
+        command=["bnexp", "train", "-o", str(tmp_path / "o"), f"--data-dir={tmp_path}"],
+        start_time="2024-01-01T00:00:00+00:00",
+    )
+    path = records.write_manifest(tmp_path, manifest)
+    data = strict_json(path.read_text())
+    for key in ("bnexp_version", "python_version", "numpy_version", "blas", "git_commit",
+                "git_dirty", "seed", "data", "start_time", "end_time", "command"):  # fmt: skip
+        assert key in data
+    assert data["numpy_version"] == np.__version__
+    assert data["seed"] == [231] and data["start_time"].startswith("2024")
+    assert data["data"]["checksums"] == {"data_batch_1.bin": "ab"}
+    # No absolute path of this machine in a manifest that may be committed.
+    assert str(tmp_path) not in path.read_text()
+    assert data["git_commit"] is None or len(data["git_commit"]) == 40
+    assert isinstance(data["blas"], list)
+    assert records.now_iso().endswith("+00:00")
