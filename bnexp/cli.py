@@ -25,7 +25,9 @@ def reports_errors(command):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished runs are kept; run the same command to resume", err=True)
+            click.echo(
+                "interrupted: finished runs are kept; run the same command to resume", err=True
+            )
             sys.exit(130)
 
     return wrapper

@@ -26,6 +26,6 @@ def cifar_dir() -> Path:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Treat 'no tests collected' as a failure (pytest's exit code 5 is easy to mistake for green)."""
+    """Treat 'no tests collected' as a failure (exit code 5 is easy to mistake for green)."""
     if session.testscollected == 0:
         session.exitstatus = 1
