@@ -84,3 +84,110 @@ def data_download(data_dir, fmt, url):
 
     path = data_lib.download(data_lib.resolve_data_dir(data_dir), fmt=fmt, url=url, progress=True)
     click.echo(str(path))
+
+
+# --- experiments ----------------------------------------------------------------------------
+
+
+def _experiment_options(command):
+    """Options shared by `train` and `sweep-init`."""
+    options = [
+        click.option(
+            "-c",
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Experiment YAML [default: the command's file in configs/].",
+        ),
+        click.option(
+            "-o",
+            "--out",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Output folder [default: results/<config name>/].",
+        ),
+        _data_dir_option,
+        click.option(
+            "--jobs",
+            "-j",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Worker processes (whole lockstep groups each; results do not depend on it).",
+        ),
+        click.option(
+            "--force", is_flag=True, help="Write into OUT even if it holds a different config."
+        ),
+        click.option("--no-plot", is_flag=True, help="Skip drawing the figures at the end."),
+        click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]..."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrides):
+    """Load the config, run the experiment, print the summary table and where things are."""
+    from pathlib import Path
+
+    from bnexp.config import load_config, load_default_config
+    from bnexp.report import summary_table
+    from bnexp.sweep import run_experiment
+
+    if config_path is None:
+        cfg = load_default_config(command_name, overrides)
+    else:
+        cfg = load_config(config_path, overrides)
+    out = Path(out) if out is not None else Path("results") / cfg.name
+    result = run_experiment(
+        cfg,
+        out,
+        data_dir=data_dir,
+        jobs=jobs,
+        force=force,
+        plot=not no_plot,
+        log=lambda message: click.echo(message, err=True),
+    )
+    click.echo(summary_table(result.summaries))
+    click.echo(
+        f"\n{result.trained} runs trained, {result.skipped} already finished; "
+        f"results in {result.out}/results.csv"
+    )
+    for path in result.plots:
+        if path.suffix == ".png":
+            click.echo(f"figure: {path}")
+
+
+@main.command()
+@_experiment_options
+@reports_errors
+def train(config_path, out, data_dir, jobs, force, no_plot, overrides):
+    """Train the deep network with and without batch norm (configs/bn_vs_baseline.yaml).
+
+    KEY=VALUE overrides use dotted config keys, e.g. train.epochs=3 seed=7 rng=cs231n.
+    """
+    _run("train", config_path, out, data_dir, jobs, force, no_plot, overrides)
+
+
+@main.command("sweep-init")
+@_experiment_options
+@reports_errors
+def sweep_init(config_path, out, data_dir, jobs, force, no_plot, overrides):
+    """Sweep 20 weight-initialization scales with and without batch norm
+    (configs/weight_init_sweep.yaml).
+
+    KEY=VALUE overrides use dotted config keys, e.g. "model.weight_scale={logspace: [-4, 0, 5]}".
+    """
+    _run("sweep-init", config_path, out, data_dir, jobs, force, no_plot, overrides)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@reports_errors
+def plot(out):
+    """(Re)draw the figures of a finished or partial result folder OUT (never retrains)."""
+    from bnexp.plots import plot_results
+
+    for path in plot_results(out):
+        click.echo(f"figure: {path}")
