@@ -11,58 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fakecifar import N_BATCH, N_TEST, make_images, write_binary, write_python
 
 from bnexp import data
 from bnexp.cli import main
 from bnexp.errors import ConfigError, DataError
 
-N_BATCH, N_TEST = 40, 30  # images per generated training batch (x5) and in the test batch
 SMALL = {"num_training": 150, "num_validation": 30, "num_test": 20, "num_train_subset": 60}
-
-
-def make_images(rng: np.random.Generator, n_train: int = 5 * N_BATCH, n_test: int = N_TEST):
-    """Random uint8 images (N, 3072) channel-major and labels 0..9 for train and test."""
-    x = rng.integers(0, 256, size=(n_train, 3072), dtype=np.uint8)
-    y = rng.integers(0, 10, size=n_train)
-    xt = rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
-    yt = rng.integers(0, 10, size=n_test)
-    return x, y, xt, yt
-
-
-def write_binary(root: Path, x, y, xt, yt, n_batch: int = N_BATCH) -> Path:
-    """Write the official binary layout (label byte + 3,072 pixel bytes per record)."""
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-
-    def records(images, labels):
-        return np.column_stack([labels.astype(np.uint8), images]).tobytes()
-
-    for i in range(5):
-        rows = slice(i * n_batch, (i + 1) * n_batch)
-        (folder / f"data_batch_{i + 1}.bin").write_bytes(records(x[rows], y[rows]))
-    (folder / "test_batch.bin").write_bytes(records(xt, yt))
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
-    names.append("truck")
-    (folder / "batches.meta.txt").write_text("\n".join(names) + "\n")
-    return root
-
-
-def write_python(root: Path, x, y, xt, yt, n_batch=N_BATCH, bytes_keys=True, protocol=2) -> Path:
-    """Write the official python layout: pickled dicts with data (N, 3072) uint8 and labels."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-
-    def dump(name, images, labels):
-        d = {"batch_label": "generated", "data": images, "labels": [int(v) for v in labels]}
-        if bytes_keys:  # what Python 3 sees when reading the official Python 2 pickles
-            d = {k.encode(): v for k, v in d.items()}
-        (folder / name).write_bytes(pickle.dumps(d, protocol=protocol))
-
-    for i in range(5):
-        rows = slice(i * n_batch, (i + 1) * n_batch)
-        dump(f"data_batch_{i + 1}", x[rows].copy(), y[rows])
-    dump("test_batch", xt, yt)
-    return root
 
 
 def cs231n_reference(root: Path, num_training, num_validation, num_test, num_train_subset):
