@@ -1,0 +1,199 @@
+"""The experiment runner: lockstep groups, process independence, resume, interruption,
+divergence as a recorded result. Generated data passed in memory; no CIFAR-10 needed."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from bnexp import sweep
+from bnexp.config import expand_runs, load_config
+from bnexp.plan import cs231n_plans
+from bnexp.train import TrainData
+
+SMALL = [
+    "model.hidden_dims=[16, 16]",
+    "model.weight_scale=[1.0e-3, 5.0e-2, 1.0]",
+    "train.epochs=2",
+    "train.batch_size=20",
+    "data.num_train=100",
+]
+
+
+def small_config(*extra):
+    return load_config(None, [*SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Learnable generated features: the class shifts the mean of its own block of features."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 10, n)
+        X = rng.normal(size=(n, 3072))
+        for c in range(10):
+            X[y == c, c * 300 : (c + 1) * 300] += 1.0
+        return X, y
+
+    (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
+    return TrainData(Xtr, ytr, Xv, yv, Xt, yt)
+
+
+def run(cfg, out, data, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("plot", False)
+    return sweep.run_experiment(cfg, out, data=data, log=lambda m: None, **kw)
+
+
+def csv_rows(path, drop=("seconds",)):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def test_default_sweep_forms_two_lockstep_groups_of_twenty():
+    runs = expand_runs(load_config(None))
+    groups = sweep.lockstep_groups(runs)
+    assert [len(g) for g in groups] == [20, 20]
+    assert {runs[i].batchnorm for i in groups[0]} == {True}
+    assert {runs[i].batchnorm for i in groups[1]} == {False}
+    # Members keep run order, so the per-scale pairing stays readable in the records.
+    assert groups[0] == list(range(0, 40, 2))
+
+
+def test_numpy_plans_are_paired_between_bn_and_baseline():
+    runs = expand_runs(small_config())
+    plans = sweep.make_plans(runs)
+    for a, b in zip(runs[::2], runs[1::2], strict=True):
+        assert a.batchnorm and not b.batchnorm and a.weight_scale == b.weight_scale
+    # The same seed and widths: identical normals and minibatches for every run.
+    for plan in plans[1:]:
+        np.testing.assert_array_equal(plan.batch_indices, plans[0].batch_indices)
+        for n0, n1 in zip(plans[0].normals, plan.normals, strict=True):
+            np.testing.assert_array_equal(n0, n1)
+
+
+def test_cs231n_plans_replay_the_notebook_cells_in_order():
+    runs = expand_runs(small_config("rng=cs231n"))
+    plans = sweep.make_plans(runs)
+    cells = [
+        [(sweep.net_spec(r), sweep.num_iterations(r), r.batch_size, 100) for r in runs[i : i + 2]]
+        for i in range(0, len(runs), 2)
+    ]
+    expected = [p for cell in cs231n_plans(231, cells) for p in cell]
+    for got, want in zip(plans, expected, strict=True):
+        np.testing.assert_array_equal(got.batch_indices, want.batch_indices)
+        np.testing.assert_array_equal(got.normals[0], want.normals[0])
+    # Unlike numpy mode, every run has its own draws.
+    assert not np.array_equal(plans[0].batch_indices, plans[1].batch_indices)
+
+
+def test_jobs_do_not_change_results(tmp_path, data):
+    cfg = small_config()
+    run(cfg, tmp_path / "one", data, jobs=1)
+    run(cfg, tmp_path / "two", data, jobs=2)
+    one = csv_rows(tmp_path / "one" / "results.csv")
+    two = csv_rows(tmp_path / "two" / "results.csv")
+    assert len(one) == 6 and one == two
+    for row in one:
+        s1 = json.loads((tmp_path / "one" / "runs" / row["run_id"] / "summary.json").read_text())
+        s2 = json.loads((tmp_path / "two" / "runs" / row["run_id"] / "summary.json").read_text())
+        assert s1["loss_history"] == s2["loss_history"]
+        assert s1["val_acc_history"] == s2["val_acc_history"]
+
+
+def test_same_seed_same_numbers_and_seed_matters(tmp_path, data):
+    a = run(small_config(), tmp_path / "a", data).summaries
+    b = run(small_config(), tmp_path / "b", data).summaries
+    c = run(small_config("seed=7"), tmp_path / "c", data).summaries
+    assert [s["loss_history"] for s in a] == [s["loss_history"] for s in b]
+    assert [s["loss_history"] for s in a] != [s["loss_history"] for s in c]
+
+
+def test_records_follow_the_documented_format(tmp_path, data):
+    result = run(small_config(), tmp_path / "out", data)
+    out = result.out
+    assert (out / "config.yaml").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["seed"] == 231 and manifest["end_time"]
+    rows = csv_rows(out / "results.csv", drop=())
+    assert list(rows[0])[:9] == [
+        "run_id", "batchnorm", "weight_scale", "best_train_acc", "best_val_acc",
+        "final_train_loss", "diverged", "status", "seconds",
+    ]  # fmt: skip
+    for s in result.summaries:
+        folder = out / "runs" / s["run_id"]
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert len(s["train_acc_history"]) == len(s["val_acc_history"]) == 3  # epochs + 1
+        assert [m["epoch"] for m in metrics] == [0, 1, 2]
+        assert [m["iteration"] for m in metrics] == s["check_iterations"] == [1, 5, 10]
+        assert len(s["loss_history"]) == 10
+        assert s["best_val_acc"] == max(s["val_acc_history"])
+        assert s["final_train_loss"] == pytest.approx(np.mean(s["loss_history"][-100:]))
+        assert (folder / "config.yaml").is_file()
+    # Learnable data: batch norm at a moderate scale gets well above chance.
+    bn = next(s for s in result.summaries if s["batchnorm"] and s["weight_scale"] == 5e-2)
+    assert bn["best_train_acc"] > 0.3  # chance is 0.1; 10 iterations of batch 20
+
+
+def test_rerun_skips_finished_runs_and_grid_growth_trains_only_new_ones(tmp_path, data):
+    out = tmp_path / "out"
+    first = run(small_config(), out, data)
+    assert (first.trained, first.skipped) == (6, 0)
+    again = run(small_config(), out, data)
+    assert (again.trained, again.skipped) == (0, 6)
+    assert again.summaries == first.summaries
+    grown = small_config("model.weight_scale=[1.0e-3, 5.0e-2, 1.0, 3.0]")
+    more = run(grown, out, data, force=True)
+    assert (more.trained, more.skipped) == (2, 6)
+    assert len(csv_rows(out / "results.csv")) == 8
+
+
+def test_ctrl_c_keeps_finished_groups_and_rerun_completes(tmp_path, data, monkeypatch):
+    cfg = small_config()
+    clean = run(cfg, tmp_path / "clean", data).summaries
+
+    real_train_group = sweep.train_group
+    calls = []
+
+    def interrupted_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_group(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "train_group", interrupted_second_group)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, out, data)
+    kept = csv_rows(out / "results.csv")
+    assert len(kept) == 3 and {r["batchnorm"] for r in kept} == {"true"}
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    assert not list((out / "runs").glob("*/*.tmp*"))
+
+    monkeypatch.setattr(sweep, "train_group", real_train_group)
+    resumed = run(cfg, out, data)
+    assert (resumed.trained, resumed.skipped) == (3, 3)
+    strip = [{k: v for k, v in s.items() if k != "seconds"} for s in clean]
+    assert [{k: v for k, v in s.items() if k != "seconds"} for s in resumed.summaries] == strip
+
+
+def test_diverging_network_is_recorded_and_plotted_and_contained(tmp_path, data):
+    # A learning rate of 1e30 overflows float32 within a step: that run diverges.
+    cfg = small_config("train.learning_rate=[1.0e-3, 1.0e30]", "model.batchnorm=[false]")
+    result = run(cfg, tmp_path / "out", data, plot=True)
+    by_lr = {}
+    for s in result.summaries:
+        by_lr.setdefault(s["learning_rate"], []).append(s)
+    assert all(s["diverged"] and s["status"] == "diverged" for s in by_lr[1e30])
+    assert all(s["diverged_iteration"] is not None for s in by_lr[1e30])
+    assert not any(s["diverged"] for s in by_lr[1e-3])
+    rows = csv_rows(tmp_path / "out" / "results.csv")
+    assert sum(r["diverged"] == "true" for r in rows) == 3
+    assert any(p.name == "weight_init_sweep.png" for p in result.plots)
+    # The healthy networks trained beside the diverged ones equal a run without them.
+    alone = run(small_config("model.batchnorm=[false]"), tmp_path / "alone", data).summaries
+    assert [s["loss_history"] for s in alone] == [s["loss_history"] for s in by_lr[1e-3]]
