@@ -75,9 +75,10 @@ BN_EVAL_MODES = ("running", "population", "batch")
 #: the chunk size changes speed and memory only; the reference uses 100).
 CHECK_CHUNK = 1000
 
-#: Target bytes of one block of the first-layer update: small enough that the update rule's
-#: temporaries stay in the L2 cache.
-UPDATE_BLOCK_BYTES = 1 << 18
+#: Target bytes of one block of the first-layer update, so the update rule's temporaries stay in
+#: cache. Measured on the default sweep (one core, float32, 20 nets): 64 KiB 7.3 s, 256 KiB 6.4 s,
+#: 1 MiB 6.0 s, unblocked 6.9 s per group.
+UPDATE_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
