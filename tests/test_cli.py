@@ -1,0 +1,155 @@
+"""The commands as a user runs them (CliRunner), on a small generated CIFAR-10 folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fakecifar import make_learnable_images, write_binary
+
+from bnexp import download, sweep
+from bnexp.cli import main
+
+SMALL = [
+    "data.num_training=400",
+    "data.num_validation=100",
+    "data.num_test=50",
+    "data.num_train=200",
+    "model.hidden_dims=[32, 32, 32]",
+    "train.epochs=3",
+]
+
+
+@pytest.fixture
+def fake_data(tmp_path, monkeypatch):
+    """A learnable generated CIFAR-10 in the binary layout; the prepared-split cache in tmp."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BNEXP_DATA_DIR", raising=False)
+    x, y, xt, yt = make_learnable_images(np.random.default_rng(1), 5 * 100, 60)
+    return write_binary(tmp_path / "cifar", x, y, xt, yt, n_batch=100)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_error_line(result, code, *words):
+    """A failure is exactly one 'error: ...' line with the class's exit code, no traceback."""
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0]
+
+
+def test_train_writes_records_figures_and_summary(tmp_path, fake_data):
+    out = tmp_path / "out"
+    result = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "val BN" in result.output and "2 runs trained" in result.output
+    for name in ("config.yaml", "manifest.json", "results.csv", "plots/training_curves.png"):
+        assert (out / name).is_file(), name
+    summaries = [json.loads(p.read_text()) for p in out.glob("runs/*/summary.json")]
+    assert sorted(s["batchnorm"] for s in summaries) == [False, True]
+    for s in summaries:
+        assert s["hidden_dims"] == [32, 32, 32] and s["num_train"] == 200
+        assert len(s["val_acc_history"]) == 4 and len(s["loss_history"]) == 12
+    # The generated classes are learnable: batch norm gets far above chance (0.1).
+    bn = next(s for s in summaries if s["batchnorm"])
+    assert bn["best_train_acc"] > 0.5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["layout"] == "binary" and manifest["status"] == "complete"
+
+
+def test_rerun_resumes_and_other_config_needs_force(tmp_path, fake_data):
+    out = tmp_path / "out"
+    assert invoke("train", "-o", out, "--data-dir", fake_data, *SMALL).exit_code == 0
+    again = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL)
+    assert again.exit_code == 0 and "0 runs trained, 2 already finished" in again.output
+    other = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL, "seed=5")
+    assert_one_error_line(other, 4, "different config", "--force")
+    forced = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL, "seed=5", "--force")
+    assert forced.exit_code == 0 and "2 runs trained" in forced.output
+
+
+def test_sweep_init_draws_the_sweep_figure_and_plot_redraws_without_training(
+    tmp_path, fake_data, monkeypatch
+):
+    out = tmp_path / "sweep"
+    grid = "model.weight_scale={logspace: [-3, 0, 3]}"
+    result = invoke("sweep-init", "-o", out, "--data-dir", fake_data, *SMALL, grid, "--jobs", 2)
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip().splitlines()) >= 5  # header, rule, 3 scales, ...
+    png = out / "plots" / "weight_init_sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("bnexp plot must not train")
+
+    monkeypatch.setattr(sweep, "train_group", no_training)
+    redraw = invoke("plot", out)
+    assert redraw.exit_code == 0, redraw.output
+    assert png.is_file() and "weight_init_sweep.png" in redraw.output
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("train: [unclosed\n", ["bad.yaml", "line"]),
+        ("train:\n  epochz: 3\n", ["bad.yaml", "train.epochz"]),
+        ("train:\n  epochs: ten\n", ["bad.yaml", "train.epochs"]),
+        ("model:\n  weight_scale: -1\n", ["bad.yaml", "model.weight_scale"]),
+        ("model:\n  weight_scale: []\n", ["bad.yaml", "model.weight_scale"]),
+    ],
+)
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_data, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    result = invoke("sweep-init", "-c", path, "-o", out, "--data-dir", fake_data)
+    assert_one_error_line(result, 2, *words)
+    assert not out.exists()
+
+
+def test_bad_override_and_missing_config(tmp_path, fake_data):
+    assert_one_error_line(invoke("train", "-o", tmp_path / "o", "train.epochs"), 2, "train.epochs")
+    assert_one_error_line(invoke("train", "-c", tmp_path / "nope.yaml"), 2, "nope.yaml")
+
+
+def test_missing_and_corrupt_data_are_one_line_exit_3(tmp_path, fake_data, monkeypatch):
+    # Missing data is downloaded on first use; here the "official" server refuses the connection.
+    _, md5, folder = download.ARCHIVES["binary"]
+    monkeypatch.setitem(download.ARCHIVES, "binary", ("http://127.0.0.1:9/c.tar.gz", md5, folder))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke("train", "-o", tmp_path / "o1", "--data-dir", empty, *SMALL)
+    assert_one_error_line(result, 3, "could not reach", "--data-dir")
+    assert list(empty.iterdir()) == []
+    batch = fake_data / "cifar-10-batches-bin" / "data_batch_3.bin"
+    batch.write_bytes(batch.read_bytes()[:-5])
+    result = invoke("train", "-o", tmp_path / "o2", "--data-dir", fake_data, *SMALL)
+    assert_one_error_line(result, 3, "data_batch_3.bin")
+
+
+def test_unwritable_output_is_one_line_exit_4(tmp_path, fake_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = invoke("train", "-o", blocker / "out", "--data-dir", fake_data, *SMALL)
+    assert_one_error_line(result, 4, "a_file")
+
+
+def test_plot_of_an_empty_folder_is_one_line(tmp_path):
+    assert_one_error_line(invoke("plot", tmp_path), 4, "nothing to plot")
+
+
+def test_python_dash_m_and_version():
+    done = subprocess.run(
+        [sys.executable, "-m", "bnexp", "--version"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("bnexp, version")
