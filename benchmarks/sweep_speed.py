@@ -20,8 +20,9 @@ by the wall time. The GEMM peak is a 2048 x 2048 matrix product on 2 threads. Pe
 high-water mark of this process and, for the worker rows, of the largest worker.
 
 Usage: ``python benchmarks/sweep_speed.py [--data-dir DIR] [--dtypes float32,float64]
-[--no-serial]``. Real CIFAR-10 is read when ``--data-dir`` or BNEXP_DATA_DIR is set; otherwise
-synthetic Gaussian data of the same shapes is used (noted in the table). Data loading is not timed.
+[--no-serial] [--profile]``. Real CIFAR-10 is read when ``--data-dir`` or BNEXP_DATA_DIR is set;
+otherwise synthetic Gaussian data of the same shapes is used (noted in the table). Data loading is
+not timed.
 """
 
 from __future__ import annotations
@@ -150,13 +151,45 @@ def run(dtypes, data, serial: bool):
     return rows
 
 
+def profile_group(data, dtype: str) -> None:
+    """cProfile one group (20 BN nets) on one BLAS thread; print where the time goes."""
+    import cProfile
+    import pstats
+
+    settings = train.SolverSettings(dtype=dtype)
+    spec, members = make_groups(settings, data.X_train.shape[0])[0]
+    profiler = cProfile.Profile()
+    with threadpool_limits(1):
+        profiler.runcall(train.train_group, spec, members, data, settings)
+    stats = pstats.Stats(profiler)
+    buckets = {
+        "affine (matrix products)": ("affine_forward", "affine_backward"),
+        "update rule (element-wise)": ("adam", "sgd", "sgd_momentum", "_prepare", "step"),
+        "batch norm (element-wise)": ("batchnorm_forward", "batchnorm_backward_alt", "_mean"),
+    }
+    totals = dict.fromkeys(buckets, 0.0)
+    total = 0.0
+    for (_, _, func), (_, _, tottime, _, _) in stats.stats.items():
+        total += tottime
+        for name, funcs in buckets.items():
+            if func in funcs:
+                totals[name] += tottime
+    print(f"profile of one group (20 BN nets, {dtype}, 1 thread): {total:.2f} s")
+    for name, seconds in totals.items():
+        print(f"  {name:28} {seconds:6.2f} s")
+    print(f"  {'everything else':28} {total - sum(totals.values()):6.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--no-serial", action="store_true", help="skip one-at-a-time training")
+    parser.add_argument("--profile", action="store_true", help="also profile one group")
     args = parser.parse_args()
     data, source = load_data(args.data_dir)
+    if args.profile:
+        profile_group(data, args.dtypes.split(",")[0])
     rows = run(args.dtypes.split(","), data, serial=not args.no_serial)
     print(f"default sweep, 40 networks, data: {source}, cores: {os.cpu_count()}")
     header = (
