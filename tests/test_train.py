@@ -158,21 +158,3 @@ def test_reference_precision_mode_rounds_init_to_float32(data):
     np.testing.assert_array_equal(group.params["W1"], expected)
     (result,) = train.train_group(spec, [member], data, settings)
     assert np.isfinite(result.loss_history).all()
-
-
-@pytest.mark.realdata
-def test_cs231n_replay_reproduces_the_published_deep_network_numbers(cifar_dir):
-    """rng=cs231n, seed 231: the notebook's baseline train accuracies for epochs 0-5."""
-    from bnexp import data as bdata
-
-    s = bdata.load_splits(cifar_dir)
-    d = train.TrainData(s.X_train, s.y_train, s.X_val, s.y_val, s.X_test, s.y_test)
-    settings = train.SolverSettings(init_dtype="float32", compute_dtype="float64")
-    bn, base = (NetSpec(3072, (100,) * 5, 10, flag) for flag in (True, False))
-    ((bn_plan, base_plan),) = plan.cs231n_plans(231, [[(bn, 200, 50, 1000), (base, 200, 50, 1000)]])
-    (result,) = train.train_group(base, [train.Member(2e-2, 1e-3, base_plan)], d, settings)
-    published = [0.129, 0.283, 0.316, 0.373, 0.390, 0.434]
-    np.testing.assert_allclose(result.train_acc_history[:6], published, atol=5e-4)
-    # The batch-norm net consumed the numbers drawn before the baseline's: it must train too.
-    (bn_result,) = train.train_group(bn, [train.Member(2e-2, 1e-3, bn_plan)], d, settings)
-    assert bn_result.best_val_acc > result.val_acc_history[0]
