@@ -6,6 +6,7 @@ Progress and logs go to stderr, results to files (and a summary table on stdout)
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -112,9 +113,9 @@ def _experiment_options(command):
             "--jobs",
             "-j",
             type=click.IntRange(min=1),
-            default=1,
-            show_default=True,
-            help="Worker processes (whole lockstep groups each; results do not depend on it).",
+            default=None,
+            help="Worker processes, each training whole lockstep groups with one BLAS thread; "
+            "results do not depend on it [default: the number of CPUs].",
         ),
         click.option(
             "--force", is_flag=True, help="Write into OUT even if it holds a different config."
@@ -140,6 +141,8 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
     else:
         cfg = load_config(config_path, overrides)
     out = Path(out) if out is not None else Path("results") / cfg.name
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     result = run_experiment(
         cfg,
         out,

@@ -21,10 +21,12 @@ trains only the rest.
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -251,12 +253,22 @@ def _train_job(job: _GroupJob, data: TrainData, on_progress=None) -> list[RunRes
     return train_group(job.spec, list(job.members), data, job.settings, on_progress)
 
 
-def _train_job_single_thread(job: _GroupJob, data: TrainData) -> tuple[tuple, list[RunResult]]:
-    """Worker-process entry: one BLAS thread, so N workers use N cores without oversubscription."""
+_WORKER_DATA: TrainData | None = None
+
+
+def _init_worker(data: TrainData) -> None:
+    """Worker-process set-up: keep the data (inherited, not pickled, under fork) and use one BLAS
+    thread, so N workers use N cores without oversubscription."""
+    global _WORKER_DATA
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
-        return job.run_indices, _train_job(job, data)
+    _WORKER_DATA = data
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def _train_job_in_worker(job: _GroupJob) -> list[RunResult]:
+    """Worker-process entry: train one group on the data given at start-up."""
+    return _train_job(job, _WORKER_DATA)
 
 
 def _execute(jobs: list[_GroupJob], data: TrainData, n_jobs: int, progress: bool):
@@ -285,15 +297,25 @@ def _execute(jobs: list[_GroupJob], data: TrainData, n_jobs: int, progress: bool
 
                 yield job.run_indices, _train_job(job, data, tick)
         else:
-            from joblib import Parallel, delayed
-
-            parallel = Parallel(n_jobs=min(n_jobs, len(jobs)), return_as="generator_unordered")
-            by_indices = {job.run_indices: job for job in jobs}
-            for run_indices, results in parallel(
-                delayed(_train_job_single_thread)(job, data) for job in jobs
-            ):
-                bar.update(by_indices[run_indices].work)
-                yield run_indices, results
+            # fork (where available) starts workers in milliseconds and shares the data without
+            # pickling it; results stream back group by group so each is recorded at once.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            with ProcessPoolExecutor(
+                max_workers=min(n_jobs, len(jobs)),
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(data,),
+            ) as pool:
+                futures = {pool.submit(_train_job_in_worker, job): job for job in jobs}
+                try:
+                    for future in as_completed(futures):
+                        job = futures[future]
+                        bar.update(job.work)
+                        yield job.run_indices, future.result()
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     finally:
         bar.close()
 
