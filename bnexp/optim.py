@@ -8,6 +8,12 @@ stack can have its own. Array learning rates are aligned with w's *leading* axes
 ``state`` holds the hyper-parameters and moments. Missing keys get the CS231n defaults. The input
 dict is not modified: a new dict is returned, and moments are new arrays, never updated in place.
 
+``inplace=True`` is the training loop's fast path: w and the moments are overwritten, the
+element-wise temporaries go to ``scratch`` (two arrays of w's shape and dtype, reused across
+steps, or None to allocate them), and the given state dict is updated and returned. It evaluates
+the same operations in the same order, so it gives the same bits as the default path; it only
+saves the allocations and copies (the update rule runs on every parameter at every step).
+
 Dtypes: the arithmetic runs in the common dtype of w and dw (float64 is never narrowed to float32),
 and the new w is cast back to w's dtype. With float32 w and dw everything stays float32 exactly as
 in the reference: hyper-parameters are kept as Python floats (NumPy 2 does not let those upcast)
@@ -33,6 +39,28 @@ def _prepare(name: str, w: np.ndarray, dw: np.ndarray, state: dict | None, defau
     return state, dtype, dw, _learning_rate(name, state["learning_rate"], w, dtype)
 
 
+def _prepare_inplace(name, w, dw, state, defaults, scratch, moments):
+    """In-place variant of `_prepare`: state updated as is, moments and scratch of w's shape."""
+    if w.shape != dw.shape:
+        raise ValueError(f"{name}: w has shape {w.shape} but dw has shape {dw.shape}")
+    if dw.dtype != w.dtype:
+        # Same numbers as the default path: dw cast up (float64 w) or the compute done in
+        # float64 and w rounded (float32 w) are not in-place operations; keep one rule.
+        raise ValueError(f"{name}: inplace needs dw of w's dtype {w.dtype}, got {dw.dtype}")
+    for key, value in defaults.items():
+        state.setdefault(key, value)
+    for key in moments:
+        if state.get(key) is None:
+            state[key] = np.zeros(w.shape, dtype=w.dtype)
+        elif state[key].shape != w.shape:
+            raise ValueError(f"{name}: {key} has shape {state[key].shape}, w has shape {w.shape}")
+    if scratch is None:
+        scratch = (np.empty_like(w), np.empty_like(w))
+    elif any(a.shape != w.shape or a.dtype != w.dtype for a in scratch):
+        raise ValueError(f"{name}: scratch arrays must have w's shape {w.shape} and dtype")
+    return scratch, _learning_rate(name, state["learning_rate"], w, w.dtype)
+
+
 def _learning_rate(name: str, lr, w: np.ndarray, dtype):
     """A Python float as is; an array aligned with w's leading axes, in the compute dtype."""
     if np.ndim(lr) == 0:
@@ -52,36 +80,56 @@ def _learning_rate(name: str, lr, w: np.ndarray, dtype):
     return lr.reshape(shape + (1,) * (w.ndim - len(shape))).astype(dtype, copy=False)
 
 
-def sgd(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
+def sgd(w: np.ndarray, dw: np.ndarray, state: dict | None = None, *, inplace=False, scratch=None):
     """Vanilla stochastic gradient descent ``w - learning_rate * dw``.
 
     Parameters
     ----------
     w, dw : (..., *shape) parameters and their gradient.
     state : ``learning_rate`` (default 1e-2).
+    inplace, scratch : see the module docstring.
 
     Returns
     -------
-    w : new array like w (same dtype); state : new dict.
+    w : new array like w (same dtype), or w itself when `inplace`; state : new dict (or `state`).
     """
-    state, _, dw, lr = _prepare("sgd", w, dw, state, {"learning_rate": 1e-2})
+    defaults = {"learning_rate": 1e-2}
+    if inplace:
+        (step, _), lr = _prepare_inplace("sgd", w, dw, state, defaults, scratch, ())
+        np.multiply(lr, dw, out=step)
+        w -= step
+        return w, state
+    state, _, dw, lr = _prepare("sgd", w, dw, state, defaults)
     return (w - lr * dw).astype(w.dtype, copy=False), state
 
 
-def sgd_momentum(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
+def sgd_momentum(
+    w: np.ndarray, dw: np.ndarray, state: dict | None = None, *, inplace=False, scratch=None
+):
     """SGD with momentum: ``v = momentum * v - learning_rate * dw; w = w + v``.
 
     Parameters
     ----------
     w, dw : (..., *shape) parameters and their gradient.
     state : ``learning_rate`` (1e-2), ``momentum`` (0.9), ``velocity`` (zeros like w).
+    inplace, scratch : see the module docstring.
 
     Returns
     -------
-    w : new array like w (same dtype); state : new dict with the new velocity.
+    w : new array like w (same dtype), or w itself when `inplace`; state : new dict with the new
+        velocity (or `state`, its velocity updated in place).
     """
     name = "sgd_momentum"
-    state, dtype, dw, lr = _prepare(name, w, dw, state, {"learning_rate": 1e-2, "momentum": 0.9})
+    defaults = {"learning_rate": 1e-2, "momentum": 0.9}
+    if inplace:
+        (step, _), lr = _prepare_inplace(name, w, dw, state, defaults, scratch, ("velocity",))
+        velocity = state["velocity"]
+        velocity *= float(state["momentum"])
+        np.multiply(lr, dw, out=step)
+        velocity -= step
+        w += velocity
+        return w, state
+    state, dtype, dw, lr = _prepare(name, w, dw, state, defaults)
     velocity = state.get("velocity")
     if velocity is None:
         velocity = np.zeros(w.shape, dtype=dtype)
@@ -92,7 +140,7 @@ def sgd_momentum(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
     return (w + velocity).astype(w.dtype, copy=False), state
 
 
-def adam(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
+def adam(w: np.ndarray, dw: np.ndarray, state: dict | None = None, *, inplace=False, scratch=None):
     """Adam (Kingma & Ba 2015) with bias correction; t is incremented before use.
 
     ``m = b1*m + (1-b1)*dw; mt = m/(1-b1**t); v = b2*v + (1-b2)*dw**2; vt = v/(1-b2**t);
@@ -103,13 +151,17 @@ def adam(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
     w, dw : (..., *shape) parameters and their gradient.
     state : ``learning_rate`` (1e-3), ``beta1`` (0.9), ``beta2`` (0.999), ``epsilon`` (1e-8),
         ``m`` and ``v`` (zeros like w), ``t`` (0).
+    inplace, scratch : see the module docstring.
 
     Returns
     -------
-    w : new array like w (same dtype); state : new dict with the new moments and t.
+    w : new array like w (same dtype), or w itself when `inplace`; state : new dict with the new
+        moments and t (or `state`, its moments updated in place).
     """
     name = "adam"
     defaults = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "t": 0}
+    if inplace:
+        return _adam_inplace(w, dw, state, defaults, scratch)
     state, dtype, dw, lr = _prepare(name, w, dw, state, defaults)
     beta1, beta2, eps = float(state["beta1"]), float(state["beta2"]), float(state["epsilon"])
     m, v = state.get("m"), state.get("v")
@@ -133,6 +185,30 @@ def adam(w: np.ndarray, dw: np.ndarray, state: dict | None = None):
     new_w = w - step
     state.update(m=m, v=v, t=t)
     return new_w.astype(w.dtype, copy=False), state
+
+
+def _adam_inplace(w, dw, state, defaults, scratch):
+    """`adam` with inplace=True: the default path's operations, in its order, into buffers."""
+    (a, b), lr = _prepare_inplace("adam", w, dw, state, defaults, scratch, ("m", "v"))
+    beta1, beta2, eps = float(state["beta1"]), float(state["beta2"]), float(state["epsilon"])
+    m, v = state["m"], state["v"]
+    t = int(state["t"]) + 1
+    m *= beta1
+    np.multiply(1 - beta1, dw, out=a)
+    m += a
+    v *= beta2
+    np.multiply(dw, dw, out=a)
+    a *= 1 - beta2
+    v += a
+    np.divide(m, 1 - beta1**t, out=a)  # mt
+    a *= lr
+    np.divide(v, 1 - beta2**t, out=b)  # vt
+    np.sqrt(b, out=b)
+    b += eps
+    a /= b
+    w -= a
+    state["t"] = t
+    return w, state
 
 
 UPDATE_RULES = {"sgd": sgd, "sgd_momentum": sgd_momentum, "adam": adam}

@@ -52,8 +52,9 @@ Speed: when all K networks share their minibatch indices (the default numpy plan
 the first layer runs as one wide matrix product ``X (N, 3072) @ W1 (3072, K*H)`` and so does its
 weight gradient ``X.T @ dA1``; the accuracy checks score all K networks with one wide product per
 chunk of examples. Otherwise each network's minibatch is gathered and the first layer is a batched
-product. The first-layer update runs in row blocks sized for the CPU cache (element-wise, so the
-numbers do not change).
+product. The first-layer update runs in row blocks sized for the CPU cache, in place with reused
+scratch buffers; all other parameters live in one (K, P) array updated by a single call. All of
+this is element-wise, so the numbers do not change.
 """
 
 from __future__ import annotations
@@ -258,11 +259,12 @@ def _validate(spec: NetSpec, members: list[Member], data: TrainData, settings: S
 
 
 class _Updater:
-    """The update rule applied to one (stacked) parameter, in blocks along axis 0.
+    """The update rule applied in place to one (stacked) parameter, in blocks along axis 0.
 
     Blocks keep the rule's element-wise temporaries cache-sized; they do not change the numbers.
-    `lr_axis0` says whether axis 0 is the network axis (lr sliced per block) or not (wide W1:
-    the rate varies along the columns and is the same for every block).
+    The temporaries live in scratch buffers reused at every step. `lr_axis0` says whether axis 0
+    is the network axis (lr sliced per block) or not (wide W1: the rate varies along the columns
+    and is the same for every block).
     """
 
     def __init__(self, rule, shape, itemsize, hyper: dict, lr_axis0: bool, single: bool):
@@ -273,20 +275,21 @@ class _Updater:
         self.whole = len(self.blocks) == 1
         self.lr_axis0 = lr_axis0
         self.states = [dict(hyper) for _ in self.blocks]
+        self.scratch: dict = {}  # block shape -> the rule's two temporaries
 
     def set_learning_rate(self, lr: np.ndarray) -> None:
         """lr: per-network rates, (K,) for stacked params or (1, K*H) for the wide W1."""
         for blk, state in zip(self.blocks, self.states, strict=True):
             state["learning_rate"] = lr[blk] if self.lr_axis0 else lr
 
-    def step(self, w: np.ndarray, dw: np.ndarray) -> np.ndarray:
-        """Return the updated parameter (written into w block by block when blocked)."""
-        if self.whole:
-            new_w, self.states[0] = self.rule(w, dw, self.states[0])
-            return new_w
-        for i, blk in enumerate(self.blocks):
-            w[blk], self.states[i] = self.rule(w[blk], dw[blk], self.states[i])
-        return w
+    def step(self, w: np.ndarray, dw: np.ndarray) -> None:
+        """Update w in place (block by block when blocked)."""
+        for blk, state in zip(self.blocks, self.states, strict=True):
+            wb, gb = (w, dw) if self.whole else (w[blk], dw[blk])
+            scratch = self.scratch.get(wb.shape)
+            if scratch is None:
+                scratch = self.scratch[wb.shape] = (np.empty_like(wb), np.empty_like(wb))
+            self.rule(wb, gb, state, inplace=True, scratch=scratch)
 
     def reset_network(self, k: int, width: int | None) -> None:
         """Zero network k's moments (rows k, or columns k*width:(k+1)*width of the wide W1)."""
@@ -303,7 +306,11 @@ class _Updater:
 
 
 class _Group:
-    """Mutable training state of a lockstep group (parameters, BN state, optimiser, bookkeeping)."""
+    """Mutable training state of a lockstep group (parameters, BN state, optimiser, bookkeeping).
+
+    Every parameter but W1 is a view into one (K, P) array `flat` (network k's P numbers in row
+    k), so the update rule runs once per step on all of them instead of once per array.
+    """
 
     def __init__(self, spec, members, settings, wide):
         self.spec, self.settings, self.wide = spec, settings, wide
@@ -315,6 +322,19 @@ class _Group:
         params = {key: value.astype(self.dtype) for key, value in params.items()}
         if wide:
             params["W1"] = model.to_wide(params["W1"])
+        self.small = [key for key in params if key != "W1"]
+        sizes = [params[key][0].size for key in self.small]
+        self.flat = np.empty((self.K, sum(sizes)), dtype=self.dtype)
+        self.flat_grad = np.empty_like(self.flat)
+        self.grad_views = {}
+        offset = 0
+        for key, size in zip(self.small, sizes, strict=True):
+            shape = params[key].shape
+            view = self.flat[:, offset : offset + size].reshape(shape)
+            view[...] = params[key]
+            params[key] = view
+            self.grad_views[key] = self.flat_grad[:, offset : offset + size].reshape(shape)
+            offset += size
         self.params = params
         self.bn_params = model.init_bn_params(
             spec, (self.K,), self.dtype, settings.bn_eps, settings.bn_momentum
@@ -328,16 +348,12 @@ class _Group:
         )
         rule = optim.UPDATE_RULES[settings.update_rule]
         hyper = dict(settings.optim_config)
+        w1 = params["W1"]
         self.updaters = {
-            key: _Updater(
-                rule,
-                value.shape,
-                value.itemsize,
-                hyper,
-                lr_axis0=not (key == "W1" and wide),
-                single=key != "W1",
-            )
-            for key, value in params.items()
+            "W1": _Updater(rule, w1.shape, w1.itemsize, hyper, lr_axis0=not wide, single=False),
+            "flat": _Updater(
+                rule, self.flat.shape, self.flat.itemsize, hyper, lr_axis0=True, single=True
+            ),
         }
         self.alive = np.ones(self.K, dtype=bool)
         self._push_learning_rates()
@@ -371,7 +387,8 @@ class _Group:
         for k in ks:
             for key, value in self.params.items():
                 value[self.network_slices(key, k)] = 0
-                self.updaters[key].reset_network(k, h1 if key == "W1" and self.wide else None)
+            self.updaters["W1"].reset_network(k, h1 if self.wide else None)
+            self.updaters["flat"].reset_network(k, None)
             for bn_param in self.bn_params:
                 bn_param["running_mean"][k] = 0
                 bn_param["running_var"][k] = 1
@@ -383,9 +400,11 @@ class _Group:
                 g[self.network_slices(key, k)] = 0
 
     def step(self, grads: dict) -> None:
-        """One update of every parameter."""
-        for key, updater in self.updaters.items():
-            self.params[key] = updater.step(self.params[key], grads[key])
+        """One in-place update of every parameter."""
+        for key in self.small:
+            self.grad_views[key][...] = grads[key]
+        self.updaters["W1"].step(self.params["W1"], grads["W1"])
+        self.updaters["flat"].step(self.flat, self.flat_grad)
 
     def snapshot(self, ks, store: dict, stats: list[tuple[np.ndarray, np.ndarray]] | None) -> None:
         """Copy networks ks' parameters (and the BN stats used at this check) into store."""

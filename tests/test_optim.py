@@ -150,3 +150,38 @@ def test_moment_shape_mismatch_raises():
         adam(np.zeros(3), np.zeros(3), {"m": np.zeros(2), "v": np.zeros(2), "t": 1})
     with pytest.raises(ValueError, match=r"velocity has shape \(2,\), w has shape \(3,\)"):
         sgd_momentum(np.zeros(3), np.zeros(3), {"velocity": np.zeros(2)})
+
+
+@pytest.mark.parametrize("rule", list(UPDATE_RULES.values()))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_inplace_path_gives_the_same_bits_and_writes_into_w(rule, dtype):
+    rng = _rng(9)
+    lr = np.array([1e-3, 3e-2, 0.5]).reshape(3, 1)  # per-network rates, as the training loop
+    w0 = rng.standard_normal((3, 4, 5)).astype(dtype)
+    grads = [rng.standard_normal((3, 4, 5)).astype(dtype) for _ in range(4)]
+    ref, ref_state = w0, {"learning_rate": lr}
+    for g in grads:
+        ref, ref_state = rule(ref, g, ref_state)
+    w, state = w0.copy(), {"learning_rate": lr}
+    scratch = (np.empty_like(w), np.empty_like(w))
+    for g in grads:
+        out, state_out = rule(w, g, state, inplace=True, scratch=scratch)
+        assert out is w and state_out is state
+    np.testing.assert_array_equal(w, ref)
+    for key in ("m", "v", "velocity", "t"):
+        if key in ref_state:
+            np.testing.assert_array_equal(state[key], ref_state[key])
+    # Without scratch buffers the temporaries are allocated; same numbers.
+    w2, state2 = w0.copy(), {"learning_rate": lr}
+    for g in grads:
+        rule(w2, g, state2, inplace=True)
+    np.testing.assert_array_equal(w2, ref)
+
+
+def test_inplace_rejects_mismatched_dtype_and_scratch():
+    w = np.zeros((2, 3))
+    for rule in UPDATE_RULES.values():
+        with pytest.raises(ValueError, match="inplace needs dw of w's dtype float64"):
+            rule(w, np.zeros((2, 3), np.float32), {}, inplace=True)
+        with pytest.raises(ValueError, match=r"scratch arrays must have w's shape \(2, 3\)"):
+            rule(w, np.zeros((2, 3)), {}, inplace=True, scratch=(np.zeros(6), np.zeros(6)))
