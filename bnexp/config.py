@@ -268,7 +268,11 @@ class _Checker:
             if args[2] < 1:
                 self.fail(key, f"{fn}: empty grid (num = {args[2]}); use num >= 1")
             space = np.logspace if fn == "logspace" else np.linspace
-            values = [float(x) for x in space(float(args[0]), float(args[1]), int(args[2]))]
+            # An overflow (logspace up to 1e400) becomes inf, reported below as one error line,
+            # not also as a RuntimeWarning on stderr.
+            with np.errstate(over="ignore"):
+                grid = space(float(args[0]), float(args[1]), int(args[2]))
+            values = [float(x) for x in grid]
         elif isinstance(v, (list, tuple)):
             if not v:
                 self.fail(key, "empty grid; give at least one value")
@@ -385,6 +389,22 @@ def _validate(raw: Any, check: _Checker) -> ExperimentConfig:
             f"{train.batch_size} is larger than the {data.num_train} training images "
             "(data.num_train); lower it",
             related=("data.num_train",),
+        )
+    # Checked here, not when training starts: a config error must stop before OUT is written.
+    if rng == "cs231n" and train.sampling != "replacement":
+        check.fail(
+            "train.sampling",
+            f"rng=cs231n replays the reference's sampling with replacement, got "
+            f"{train.sampling!r}; set train.sampling=replacement or rng=numpy",
+            related=("rng",),
+        )
+    if train.bn_eval == "population" and train.batch_size < 2 and True in model.batchnorm:
+        check.fail(
+            "train.bn_eval",
+            "'population' statistics of batch norm need train.batch_size >= 2 (the unbiased "
+            f"variance divides by batch_size - 1), got {train.batch_size}; raise the batch size "
+            "or use bn_eval running",
+            related=("train.batch_size", "model.batchnorm"),
         )
     return ExperimentConfig(name=name, seed=seed, rng=rng, data=data, model=model, train=train)
 

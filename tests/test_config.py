@@ -253,3 +253,36 @@ def test_cs231n_reproduction_config():
     train = C.builtin_config("train")
     assert cfg.rng == "cs231n" and cfg.seed == (231,) and cfg.model.dtype == "float32"
     assert (cfg.data, cfg.model, cfg.train) == (train.data, train.model, train.train)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        # Both would otherwise only fail once training starts, after OUT has been written.
+        ("rng: cs231n\ntrain: {sampling: shuffle}", "train.sampling", "rng=cs231n"),
+        (
+            "data: {num_train: 10}\ntrain: {batch_size: 1, bn_eval: population}",
+            "train.bn_eval",
+            "batch_size >= 2",
+        ),
+    ],
+)
+def test_settings_that_training_would_reject_fail_at_load(tmp_path, text, key, fragment):
+    message = error_of(write(tmp_path, text))
+    assert message.startswith(f"{tmp_path / 'x.yaml'}: {key}: "), message
+    assert fragment in message
+
+
+def test_population_stats_with_batch_one_are_fine_without_batchnorm(tmp_path):
+    text = "data: {num_train: 10}\nmodel: {batchnorm: false}\n"
+    cfg = C.load_config(write(tmp_path, text + "train: {batch_size: 1, bn_eval: population}"))
+    assert cfg.train.batch_size == 1
+
+
+def test_overflowing_logspace_is_one_error_and_no_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        message = error_of(None, ["model.weight_scale={logspace: [-4, 400, 3]}"])
+    assert "model.weight_scale[2]: expected a finite number, got inf" in message
