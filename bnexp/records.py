@@ -112,6 +112,33 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, _json_text(obj) + "\n")
 
 
+def check_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> Path:
+    """Refuse an unusable OUT before anything is written (or any data read); writes nothing.
+
+    Raises
+    ------
+    OutputError : a file is in the way of OUT, OUT/config.yaml cannot be read, or it holds a
+        different config and `force` is not set.
+    """
+    out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(
+            f"{out}: cannot create the output folder (a file is in the way); choose another -o"
+        )
+    config_path = out / "config.yaml"
+    if config_path.exists():
+        try:
+            old = config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OutputError(f"{config_path}: cannot read ({exc}); use a new -o folder") from None
+        if old != config_yaml and not force:
+            raise OutputError(
+                f"{out} holds results of a different config; use a new -o folder or --force"
+            )
+    return out
+
+
 def prepare_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> Path:
     """Create OUT and OUT/runs/ and store the resolved config in OUT/config.yaml.
 
@@ -127,9 +154,10 @@ def prepare_output_dir(out: str | Path, config_yaml: str, force: bool = False) -
 
     Raises
     ------
-    OutputError : OUT cannot be created or written, or it holds results of a different config.
+    OutputError : OUT cannot be created or written, or it holds results of a different config
+        (see `check_output_dir`).
     """
-    out = Path(out)
+    out = check_output_dir(out, config_yaml, force)
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -141,18 +169,8 @@ def prepare_output_dir(out: str | Path, config_yaml: str, force: bool = False) -
             f"{out}: cannot create the output folder ({exc.strerror or exc}); "
             "choose a writable -o folder"
         ) from None
-    config_path = out / "config.yaml"
-    if config_path.exists():
-        try:
-            old = config_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise OutputError(f"{config_path}: cannot read ({exc}); use a new -o folder") from None
-        if old != config_yaml and not force:
-            raise OutputError(
-                f"{out} holds results of a different config; use a new -o folder or --force"
-            )
     # Written even when unchanged: this is also the check that OUT is writable.
-    atomic_write_text(config_path, config_yaml)
+    atomic_write_text(out / "config.yaml", config_yaml)
     return out
 
 

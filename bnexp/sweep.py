@@ -121,13 +121,9 @@ def make_plans(runs: Sequence[RunConfig]) -> list[RunPlan]:
     if not runs:
         return []
     if runs[0].rng == "cs231n":
-        for run in runs:
-            if run.sampling != "replacement":
-                raise ConfigError(
-                    "train.sampling: rng=cs231n replays the reference's sampling with "
-                    f"replacement, got {run.sampling!r}; "
-                    "set train.sampling=replacement or rng=numpy"
-                )
+        if any(run.sampling != "replacement" for run in runs):
+            # load_config rejects this combination; runs built by hand must not slip through.
+            raise ValueError("make_plans: rng=cs231n replays sampling with replacement only")
         groups: list[list[RunConfig]] = []
         for run in runs:
             if groups and _replay_key(groups[-1][0]) == _replay_key(run):
@@ -376,8 +372,10 @@ def run_experiment(
 
     Raises
     ------
-    ConfigError, DataError, OutputError : one line each, before anything is trained.
-    KeyboardInterrupt : after every finished group has been recorded.
+    ConfigError, DataError, OutputError : one line each, before anything is trained (and,
+        for config and data errors, before anything is written into `out`).
+    KeyboardInterrupt : after every finished group has been recorded (manifest status
+        "interrupted"; any other exception leaves status "failed").
     """
     if log is None:
 
@@ -388,10 +386,15 @@ def run_experiment(
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     runs = expand_runs(cfg)
     ids = [run_id(run, cfg) for run in runs]
-    out = records.prepare_output_dir(out, config_to_yaml(cfg), force=force)
+    config_yaml = config_to_yaml(cfg)
+    # Refuse a wrong OUT before reading (or downloading) the data, but write nothing into it
+    # until the data has loaded: a data error must not leave an OUT/config.yaml behind that
+    # would then refuse the next, different config as if it held results.
+    records.check_output_dir(out, config_yaml, force=force)
     source = {"provided": "in-memory arrays"}
     if data is None:
         data, source = load_train_data(cfg, data_dir, log)
+    out = records.prepare_output_dir(out, config_yaml, force=force)
 
     seeds = sorted(set(cfg.seed))
     manifest = records.collect_manifest(
@@ -423,7 +426,7 @@ def run_experiment(
             )
         )
 
-    status = "interrupted"
+    status = "failed"
     trained = 0
     start = time.perf_counter()
     try:
@@ -436,6 +439,9 @@ def run_experiment(
                 trained += 1
             records.write_results_csv(out, records.read_summaries(out, ids))
         status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
         summaries = records.read_summaries(out, ids)
         records.write_results_csv(out, summaries)

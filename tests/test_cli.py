@@ -153,3 +153,27 @@ def test_python_dash_m_and_version():
         [sys.executable, "-m", "bnexp", "--version"], capture_output=True, text=True, check=True
     )
     assert done.stdout.startswith("bnexp, version")
+
+
+def test_data_error_writes_nothing_so_another_config_is_not_refused_later(tmp_path, fake_data):
+    batch = fake_data / "cifar-10-batches-bin" / "data_batch_2.bin"
+    good = batch.read_bytes()
+    batch.write_bytes(good[:-7])
+    out = tmp_path / "out"
+    assert_one_error_line(invoke("train", "-o", out, "--data-dir", fake_data, *SMALL), 3)
+    assert not out.exists()
+    # Data fixed, config changed: OUT holds no results, so nothing is in the way.
+    batch.write_bytes(good)
+    result = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL, "seed=5")
+    assert result.exit_code == 0, result.output
+
+
+def test_different_config_is_refused_before_the_data_is_read(tmp_path, fake_data):
+    out = tmp_path / "out"
+    assert invoke("train", "-o", out, "--data-dir", fake_data, *SMALL).exit_code == 0
+    before = (out / "manifest.json").read_bytes()
+    missing = tmp_path / "no_data_here"
+    other = invoke("train", "-o", out, "--data-dir", missing, *SMALL, "seed=5")
+    assert_one_error_line(other, 4, "different config")
+    assert (out / "manifest.json").read_bytes() == before
+    assert not missing.exists()

@@ -197,3 +197,14 @@ def test_diverging_network_is_recorded_and_plotted_and_contained(tmp_path, data)
     # The healthy networks trained beside the diverged ones equal a run without them.
     alone = run(small_config("model.batchnorm=[false]"), tmp_path / "alone", data).summaries
     assert [s["loss_history"] for s in alone] == [s["loss_history"] for s in by_lr[1e-3]]
+
+
+def test_an_error_in_training_is_recorded_as_failed_not_interrupted(tmp_path, data, monkeypatch):
+    def broken(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(sweep, "train_group", broken)
+    with pytest.raises(MemoryError):
+        run(small_config(), tmp_path / "out", data)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["end_time"]
