@@ -17,6 +17,8 @@ works without a display and leaks nothing between calls.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -352,30 +354,53 @@ def build_sweep_figure(summaries: Sequence[dict], expected_runs: int | None = No
 
 
 def save_figure(fig: Figure, folder: Path, stem: str) -> list[Path]:
-    """Save fig as folder/stem.png (150 dpi) and .svg; the SVG carries no date, so it is stable."""
+    """Save fig as folder/stem.png (150 dpi) and .svg; the SVG carries no date, so it is stable.
+
+    Each file is drawn into a temporary file and moved into place, so a Ctrl-C or a full disk
+    never leaves a half-written figure (an older complete one stays).
+    """
     paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
-    try:
-        with mpl.rc_context({"svg.hashsalt": "bnexp"}):
-            fig.savefig(paths[0], dpi=150)
-            fig.savefig(paths[1], metadata={"Date": None})
-    except OSError as exc:
-        raise OutputError(
-            f"{folder}: cannot write figures ({exc.strerror or exc}); check the folder"
-        ) from None
+    for path in paths:
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            with mpl.rc_context({"svg.hashsalt": "bnexp"}):
+                if path.suffix == ".png":
+                    fig.savefig(tmp, format="png", dpi=150)
+                else:
+                    fig.savefig(tmp, format="svg", metadata={"Date": None})
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as exc:
+            raise OutputError(
+                f"{path}: cannot write the figure ({exc.strerror or exc}); check the folder"
+            ) from None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     return paths
 
 
-def _current_runs(out: Path) -> tuple[set[str] | None, int | None]:
-    """Run ids and count of OUT/config.yaml's runs, or (None, None) when it cannot be read."""
+def _current_runs(out: Path) -> tuple[set[str], int]:
+    """Run ids and count of the runs of OUT/config.yaml.
+
+    Raises OutputError when it is missing or not a valid experiment config: without it the
+    figures could not tell the current runs from those a --force re-run left behind.
+    """
     from bnexp.config import expand_runs, load_config, run_id
 
     path = out / "config.yaml"
+    fix = (
+        f"run the experiment's command again with -o {out} --force to rewrite it "
+        "(finished runs are kept)"
+    )
     if not path.is_file():
-        return None, None
+        raise OutputError(f"{path} is missing, so the runs of OUT are unknown; {fix}")
     try:
         cfg = load_config(path)
-    except BnexpError:
-        return None, None
+    except BnexpError as exc:
+        raise OutputError(f"{path} is not a valid experiment config ({exc}); {fix}") from None
     runs = expand_runs(cfg)
     return {run_id(r, cfg) for r in runs}, len(runs)
 
@@ -392,15 +417,21 @@ def plot_results(out: str | Path) -> list[Path]:
 
     Raises
     ------
-    OutputError : OUT has no finished run, or the plots folder cannot be written.
+    OutputError : OUT has no finished run, its config.yaml is missing or invalid, a summary.json
+        of its runs is corrupt, or the plots folder cannot be written.
     """
     out = Path(out)
-    ids, expected = _current_runs(out)
-    summaries = records.read_summaries(out, ids)
-    if not summaries:
+    if not any((out / "runs").glob("*/summary.json")):  # also a missing or empty folder
         raise OutputError(
             f"{out}: nothing to plot in OUT (no finished runs in {out / 'runs'}); "
             "check the folder or run bnexp train / sweep-init first"
+        )
+    ids, expected = _current_runs(out)
+    summaries = records.read_summaries(out, ids, strict=True)
+    if not summaries:
+        raise OutputError(
+            f"{out}: nothing to plot in OUT (its runs are of an older config, not of "
+            f"{out / 'config.yaml'}); run that experiment's command with -o {out} first"
         )
     folder = out / "plots"
     try:

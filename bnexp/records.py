@@ -179,17 +179,93 @@ def run_dir(out: str | Path, run_id: str) -> Path:
     return Path(out) / "runs" / run_id
 
 
-def _read_json(path: Path) -> Any:
-    """Parsed JSON, or None when missing or unparseable."""
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What the plots, the summary table and results.csv read from a summary.json: key -> (test of a
+# present value, what was expected). A missing key is allowed (older or hand-made records).
+_SUMMARY_FIELDS = {
+    "batchnorm": (lambda v: isinstance(v, bool), "true or false"),
+    "diverged": (lambda v: isinstance(v, bool), "true or false"),
+    "weight_scale": (lambda v: _is_num(v) and 0 < v < math.inf, "a number > 0"),
+    "learning_rate": (lambda v: v is None or (_is_num(v) and 0 < v < math.inf), "a number > 0"),
+    "seed": (lambda v: v is None or _is_int(v), "an integer"),
+    "hidden_dims": (
+        lambda v: v is None or (isinstance(v, list) and all(_is_int(h) for h in v)),
+        "a list of integers",
+    ),
+    **{
+        key: (lambda v: v is None or _is_num(v), "a number or null")
+        for key in ("best_train_acc", "best_val_acc", "final_train_loss", "test_acc", "seconds")
+    },
+    **{
+        key: (
+            lambda v: isinstance(v, list) and all(x is None or _is_num(x) for x in v),
+            "a list of numbers (null where missing)",
+        )
+        for key in ("loss_history", "train_acc_history", "val_acc_history")
+    },
+    **{
+        key: (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null")
+        for key in (
+            "index",
+            "num_train",
+            "num_val",
+            "num_test",
+            "epochs",
+            "batch_size",
+            "iterations_per_epoch",
+            "diverged_iteration",
+        )
+    },
+    **{
+        key: (lambda v: v is None or isinstance(v, str), "a string or null")
+        for key in ("run_id", "rng", "dtype", "update_rule", "sampling", "bn_eval", "status")
+    },
+}
+
+
+def summary_problem(summary: Any) -> str | None:
+    """What is wrong with a parsed summary.json ('key: expected ..., got ...'), None if nothing."""
+    if not isinstance(summary, dict):
+        return f"expected a JSON object, got {type(summary).__name__}"
+    for key, (ok, what) in _SUMMARY_FIELDS.items():
+        if key in summary and not ok(summary[key]):
+            shown = json.dumps(summary[key])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return f"{key}: expected {what}, got {shown.replace(chr(34), chr(39))}"
+    return None
+
+
+def _load_summary(path: Path) -> tuple[dict | None, str | None]:
+    """(summary, None) for a valid summary.json, (None, problem) for a corrupt one, (None, None)
+    when it does not exist (the run is unfinished)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"cannot read ({exc})"
+    try:
+        summary = json.loads(text)
+    except ValueError as exc:
+        return None, f"not valid JSON ({exc})"
+    problem = summary_problem(summary)
+    return (None, problem) if problem else (summary, None)
 
 
 def is_finished(out: str | Path, run_id: str) -> bool:
-    """True when the run's summary.json (written last, the commit marker) exists and parses."""
-    return isinstance(_read_json(run_dir(out, run_id) / "summary.json"), dict)
+    """True when the run's summary.json (written last, the commit marker) exists and is valid.
+
+    A corrupt summary.json counts as unfinished, so running the command again retrains the run.
+    """
+    summary, _ = _load_summary(run_dir(out, run_id) / "summary.json")
+    return summary is not None
 
 
 def write_run(
@@ -226,11 +302,15 @@ def write_run(
     return folder
 
 
-def read_summaries(out: str | Path, run_ids: Iterable[str] | None = None) -> list[dict]:
+def read_summaries(
+    out: str | Path, run_ids: Iterable[str] | None = None, *, strict: bool = False
+) -> list[dict]:
     """The summaries of the finished runs in OUT/runs, ordered by (index, run_id).
 
-    Unfinished run folders (no or unparseable summary.json) are skipped. With `run_ids`, only
-    those runs (e.g. the current config's, when --force left runs of an older config behind).
+    Unfinished run folders (no summary.json) are skipped. With `run_ids`, only those runs (e.g.
+    the current config's, when --force left runs of an older config behind). A corrupt
+    summary.json (unreadable, not JSON, or a field of the wrong type) is skipped too, or with
+    `strict` raises OutputError naming the file.
     """
     runs = Path(out) / "runs"
     if not runs.is_dir():
@@ -240,8 +320,14 @@ def read_summaries(out: str | Path, run_ids: Iterable[str] | None = None) -> lis
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
         if wanted is not None and folder.name not in wanted:
             continue
-        summary = _read_json(folder / "summary.json")
-        if isinstance(summary, dict):
+        path = folder / "summary.json"
+        summary, problem = _load_summary(path)
+        if problem and strict:
+            raise OutputError(
+                f"{path}: corrupt run record: {problem}; run the experiment's command again "
+                f"with -o {out} to retrain that run"
+            )
+        if summary is not None:
             summary.setdefault("run_id", folder.name)
             summaries.append(summary)
     summaries.sort(key=lambda s: (_sort_index(s.get("index")), str(s["run_id"])))

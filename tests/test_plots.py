@@ -1,5 +1,6 @@
 """Figures from stored records: files are real PNG/SVG, diverged runs are drawn, not dropped."""
 
+import json
 import math
 import xml.etree.ElementTree as ET
 
@@ -171,3 +172,49 @@ def test_fmt_sci():
     assert plots.fmt_sci(0.02) == "0.02"
     assert plots.fmt_sci(2.5e-4) == "2.5e-4"
     assert plots.fmt_sci(1.0) == "1"
+
+
+def test_corrupt_summary_is_an_error_naming_the_file(tmp_path):
+    out = tmp_path / "out"
+    _, written = write_fake(out, ["train.epochs=2", "model.weight_scale=0.02"])
+    path = out / "runs" / written[1]["run_id"] / "summary.json"
+    path.write_text('{"batchnorm": tru')
+    with pytest.raises(OutputError, match=r"summary\.json") as info:
+        plots.plot_results(out)
+    assert written[1]["run_id"] in str(info.value)
+    path.write_text(json.dumps({**written[1], "weight_scale": "big"}))
+    with pytest.raises(OutputError, match="weight_scale"):
+        plots.plot_results(out)
+    assert not (out / "plots").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "malformed", "invalid"])
+def test_missing_or_corrupt_config_is_an_error_when_there_are_runs(tmp_path, damage):
+    out = tmp_path / "out"
+    write_fake(out, ["train.epochs=2", "model.weight_scale=0.02"])
+    config = out / "config.yaml"
+    if damage == "missing":
+        config.unlink()
+    else:
+        config.write_text("model: [\n" if damage == "malformed" else "train: {epochs: ten}\n")
+    with pytest.raises(OutputError, match=r"config\.yaml") as info:
+        plots.plot_results(out)
+    assert "\n" not in str(info.value) and "-o" in str(info.value)
+    assert not (out / "plots").exists()
+
+
+def test_an_interrupted_save_leaves_no_half_written_figure(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write_fake(out, ["train.epochs=2", "model.weight_scale=0.02"])
+    old = plots.plot_results(out)
+    before = {p.name: p.read_bytes() for p in old}
+
+    def interrupted_savefig(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots.Figure, "savefig", interrupted_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_results(out)
+    assert {p.name: p.read_bytes() for p in (out / "plots").iterdir()} == before

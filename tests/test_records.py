@@ -187,3 +187,44 @@ def test_manifest(tmp_path):
     assert data["git_commit"] is None or len(data["git_commit"]) == 40
     assert isinstance(data["blas"], list)
     assert records.now_iso().endswith("+00:00")
+
+
+def test_summary_with_wrong_types_is_not_finished_and_strict_reading_names_it(tmp_path):
+    records.prepare_output_dir(tmp_path, "name: a\n")
+    records.write_run(tmp_path, "aaa", {}, summary(0), [])
+    records.write_run(tmp_path, "bbb", {}, summary(1, weight_scale="big"), [])
+    assert records.is_finished(tmp_path, "aaa")
+    assert not records.is_finished(tmp_path, "bbb")  # re-running retrains it
+    assert [s["run_id"] for s in records.read_summaries(tmp_path)] == ["aaa"]
+    with pytest.raises(OutputError, match=r"bbb.summary\.json: .*weight_scale: .*'big'"):
+        records.read_summaries(tmp_path, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"index": ', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"batchnorm": "yes"}', "batchnorm: expected true or false"),
+        ('{"loss_history": "abc"}', "loss_history: expected a list of numbers"),
+        ('{"loss_history": [1, "x"]}', "loss_history: expected a list of numbers"),
+        ('{"weight_scale": -1}', "weight_scale: expected a number > 0"),
+        ('{"seed": [1]}', "seed: expected an integer"),
+        ('{"learning_rate": "x"}', "learning_rate: expected a number > 0"),
+        ('{"hidden_dims": 5}', "hidden_dims: expected a list of integers"),
+        ('{"best_val_acc": true}', "best_val_acc: expected a number"),
+    ],
+)
+def test_strict_reading_rejects_a_corrupt_summary_with_one_line(tmp_path, text, fragment):
+    records.prepare_output_dir(tmp_path, "name: a\n")
+    records.write_run(tmp_path, "aaa", {}, summary(0), [])
+    (tmp_path / "runs" / "bbb").mkdir()
+    (tmp_path / "runs" / "bbb" / "summary.json").write_text(text)
+    assert [s["run_id"] for s in records.read_summaries(tmp_path)] == ["aaa"]
+    with pytest.raises(OutputError) as info:
+        records.read_summaries(tmp_path, strict=True)
+    message = str(info.value)
+    assert "\n" not in message and fragment in message and "bbb" in message, message
+    # A run folder without summary.json is unfinished (a partial result), not corrupt.
+    (tmp_path / "runs" / "bbb" / "summary.json").unlink()
+    assert len(records.read_summaries(tmp_path, strict=True)) == 1
