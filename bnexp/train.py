@@ -280,7 +280,12 @@ class _Updater:
     def set_learning_rate(self, lr: np.ndarray) -> None:
         """lr: per-network rates, (K,) for stacked params or (1, K*H) for the wide W1."""
         for blk, state in zip(self.blocks, self.states, strict=True):
-            state["learning_rate"] = lr[blk] if self.lr_axis0 else lr
+            rate = lr[blk] if self.lr_axis0 else lr
+            # One rate for the whole block (e.g. every network alive with the same rate): a
+            # Python float rounds to the same value in the compute dtype as the array would, and
+            # a scalar multiply is about half the cost of a broadcast one on the wide W1.
+            first = rate.flat[0]
+            state["learning_rate"] = float(first) if (rate == first).all() else rate
 
     def step(self, w: np.ndarray, dw: np.ndarray) -> None:
         """Update w in place (block by block when blocked)."""
