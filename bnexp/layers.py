@@ -116,9 +116,15 @@ def affine_backward(dout: np.ndarray, cache, need_dx: bool = True):
 # ---------------------------------------------------------------------------------------------
 
 
-def relu_forward(x: np.ndarray):
-    """Rectified linear unit ``max(x, 0)``; x: (..., N, D) -> out like x, cache x (no copy)."""
+def relu_forward(x: np.ndarray, inplace: bool = False):
+    """Rectified linear unit ``max(x, 0)``; x: (..., N, D) -> out like x, cache (no copy).
+
+    inplace: overwrite x with the output (saves an allocation when x is a temporary); the cache
+    is then the output, which is positive exactly where x was, so the backward pass is the same.
+    """
     # np.maximum propagates NaN, so a diverged network stays visibly diverged.
+    if inplace:
+        return np.maximum(x, 0, out=x), x
     return np.maximum(x, 0), x
 
 
@@ -204,8 +210,12 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     g = gamma[..., None, :]
     if mode == "test":
         # Inference: a fixed affine map per feature, from the running (or population) stats.
-        xhat = (x - running_mean[..., None, :]) / np.sqrt(running_var[..., None, :] + eps)
-        return g * xhat + beta[..., None, :], None
+        # Same operations as (x - mean) / sqrt(var + eps) * gamma + beta, in place on one array.
+        out = x - running_mean[..., None, :]
+        out /= np.sqrt(running_var[..., None, :] + eps)
+        out *= g
+        out += beta[..., None, :]
+        return out, None
 
     if N < 2:
         raise ValueError(

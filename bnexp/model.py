@@ -214,7 +214,8 @@ def forward(
             a, bn_cache = layers.batchnorm_forward(
                 a, params[f"gamma{layer}"], params[f"beta{layer}"], bn_param
             )
-        h, relu_cache = layers.relu_forward(a)
+        # Inference: a is a fresh temporary nobody keeps, so the ReLU overwrites it.
+        h, relu_cache = layers.relu_forward(a, inplace=not keep_caches)
         if keep_caches:
             caches.append((affine_cache, bn_cache, relu_cache))
     raise AssertionError("unreachable")  # pragma: no cover

@@ -78,6 +78,21 @@ def test_relu_gradient_at_zero_is_zero():
     np.testing.assert_array_equal(L.relu_backward(np.array([[5.0, 5.0, 5.0]]), cache), [[0, 0, 5]])
 
 
+def test_relu_inplace_overwrites_x_and_gives_the_same_output_and_gradient():
+    rng = _rng(30)
+    x = rng.standard_normal((2, 6, 5))
+    x[0, 0, :2] = [0.0, np.nan]  # the kink and a diverged value behave the same way too
+    dout = rng.standard_normal(x.shape)
+    out, cache = L.relu_forward(x)
+    work = x.copy()
+    out_inplace, cache_inplace = L.relu_forward(work, inplace=True)
+    assert out_inplace is work
+    np.testing.assert_array_equal(out_inplace, out)
+    np.testing.assert_array_equal(
+        L.relu_backward(dout, cache_inplace), L.relu_backward(dout, cache)
+    )
+
+
 @pytest.mark.parametrize("backward", [L.batchnorm_backward, L.batchnorm_backward_alt])
 @pytest.mark.parametrize("mode", ["train", "batch"])
 @pytest.mark.parametrize(
