@@ -164,7 +164,16 @@ def profile_group(data, dtype: str) -> None:
     stats = pstats.Stats(profiler)
     buckets = {
         "affine (matrix products)": ("affine_forward", "affine_backward"),
-        "update rule (element-wise)": ("adam", "sgd", "sgd_momentum", "_prepare", "step"),
+        "update rule (element-wise)": (
+            "adam",
+            "_adam_inplace",
+            "sgd",
+            "sgd_momentum",
+            "_prepare",
+            "_prepare_inplace",
+            "_learning_rate",
+            "step",
+        ),
         "batch norm (element-wise)": ("batchnorm_forward", "batchnorm_backward_alt", "_mean"),
     }
     totals = dict.fromkeys(buckets, 0.0)
