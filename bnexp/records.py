@@ -366,6 +366,15 @@ def write_results_csv(out: str | Path, summaries: Sequence[dict]) -> Path:
     return path
 
 
+def read_manifest(out: str | Path) -> dict | None:
+    """OUT/manifest.json as a dict, or None when missing or unreadable."""
+    try:
+        manifest = json.loads((Path(out) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def write_manifest(out: str | Path, manifest: dict) -> Path:
     """Write OUT/manifest.json atomically; returns its path."""
     path = Path(out) / "manifest.json"

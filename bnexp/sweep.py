@@ -404,6 +404,10 @@ def run_experiment(
         data_source=source,
         extra={"jobs": jobs, "status": "running", "runs": len(runs)},
     )
+    # A resumed experiment keeps the provenance of the invocations that trained its earlier runs.
+    earlier = records.read_manifest(out)
+    if earlier is not None:
+        manifest["previous"] = [*earlier.pop("previous", []), earlier]
     records.write_manifest(out, manifest)
 
     todo = [i for i, rid in enumerate(ids) if not records.is_finished(out, rid)]
@@ -448,6 +452,7 @@ def run_experiment(
         manifest.update(
             status=status,
             end_time=records.now_iso(),
+            runs_trained=trained,
             train_seconds=round(time.perf_counter() - start, 3),
         )
         records.write_manifest(out, manifest)

@@ -146,6 +146,11 @@ def test_rerun_skips_finished_runs_and_grid_growth_trains_only_new_ones(tmp_path
     again = run(small_config(), out, data)
     assert (again.trained, again.skipped) == (0, 6)
     assert again.summaries == first.summaries
+    # The manifest of the invocation that trained the runs is kept, not overwritten.
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runs_trained"] == 0
+    assert [m["runs_trained"] for m in manifest["previous"]] == [6]
+    assert "previous" not in manifest["previous"][0]
     grown = small_config("model.weight_scale=[1.0e-3, 5.0e-2, 1.0, 3.0]")
     more = run(grown, out, data, force=True)
     assert (more.trained, more.skipped) == (2, 6)
