@@ -17,8 +17,6 @@ works without a display and leaks nothing between calls.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -360,25 +358,15 @@ def save_figure(fig: Figure, folder: Path, stem: str) -> list[Path]:
     never leaves a half-written figure (an older complete one stays).
     """
     paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
-    for path in paths:
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            with mpl.rc_context({"svg.hashsalt": "bnexp"}):
-                if path.suffix == ".png":
-                    fig.savefig(tmp, format="png", dpi=150)
-                else:
-                    fig.savefig(tmp, format="svg", metadata={"Date": None})
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as exc:
-            raise OutputError(
-                f"{path}: cannot write the figure ({exc.strerror or exc}); check the folder"
-            ) from None
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+    with mpl.rc_context({"svg.hashsalt": "bnexp"}):
+        records.atomic_write(
+            paths[0], lambda tmp: fig.savefig(tmp, format="png", dpi=150), fix="check the folder"
+        )
+        records.atomic_write(
+            paths[1],
+            lambda tmp: fig.savefig(tmp, format="svg", metadata={"Date": None}),
+            fix="check the folder",
+        )
     return paths
 
 

@@ -33,7 +33,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,28 +83,40 @@ def _json_text(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to path atomically (temp file in the same folder, fsync, os.replace).
+def atomic_write(
+    path: str | Path, write: Callable[[Path], None], fix: str = "choose a writable output folder"
+) -> None:
+    """Create path atomically: `write(tmp)` fills a temporary file in the same folder, which then
+    replaces path (os.replace), so a reader or a Ctrl-C never sees half a file.
 
-    Raises OutputError naming the file when it cannot be written.
+    Raises OutputError naming the file, with `fix` as the advice, when it cannot be written.
     """
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
-        raise OutputError(
-            f"{path}: cannot write ({exc.strerror or exc}); choose a writable output folder with -o"
-        ) from None
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); {fix}") from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to path atomically (flushed to disk before it replaces path)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write, fix="choose a writable output folder with -o")
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
