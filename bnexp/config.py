@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from bnexp.errors import ConfigError
+from bnexp.yamlfile import dump_yaml, parse_yaml
 
 CIFAR10_TRAIN_IMAGES = 50_000
 CIFAR10_TEST_IMAGES = 10_000
@@ -127,51 +127,6 @@ _BUILTIN = {
     },
     "sweep-init": {},  # the dataclass defaults are the sweep
 }
-
-
-# --- YAML -----------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.2) and rejects duplicate keys."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                mark = key_node.start_mark
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-# PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; accept it as a float like YAML 1.2.
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """Parse YAML text; a syntax error becomes a ConfigError with line and column."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        pos = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"{where}: {pos}malformed YAML: {problem}; fix the syntax") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: malformed YAML: {exc}; fix the syntax") from None
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -431,7 +386,7 @@ def _apply_override(raw: dict, text: str) -> str:
         raise ConfigError(
             f"override {text!r}: unknown key {key!r}; known keys are {', '.join(known)}"
         )
-    value = _parse_yaml(value_text, f"override {text!r}")
+    value = parse_yaml(value_text, f"override {text!r}")
     if len(parts) == 1:
         if key in _SECTIONS and isinstance(value, Mapping) and isinstance(raw.get(key), Mapping):
             raw[key] = {**raw[key], **value}  # data={num_train: 500} changes only that key
@@ -477,7 +432,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
         raise ConfigError(f"{path}: config file not found; check the -c path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc}); check the -c path") from None
-    raw = _parse_yaml(text, str(path))
+    raw = parse_yaml(text, str(path))
     return _load_raw(raw, str(path), overrides)
 
 
@@ -540,20 +495,6 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
             "learning_rate": list(cfg.train.learning_rate),
         },
     }
-
-
-class _Dumper(yaml.SafeDumper):
-    """Block mappings, flow (one-line) lists: a config reads like the hand-written ones."""
-
-
-_Dumper.add_representer(
-    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, True)
-)
-
-
-def dump_yaml(obj: Any) -> str:
-    """YAML text of plain data, keys in insertion order, lists on one line."""
-    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

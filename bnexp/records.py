@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from bnexp.config import dump_yaml
 from bnexp.errors import OutputError
+from bnexp.yamlfile import dump_yaml
 
 RESULTS_COLUMNS = (
     "run_id",
