@@ -21,12 +21,10 @@ trains only the rest.
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from bnexp.config import (
     run_id,
 )
 from bnexp.errors import ConfigError
+from bnexp.executor import execute
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, cs231n_plans, iterations_per_epoch, numpy_plan
 from bnexp.train import Member, RunResult, SolverSettings, TrainData, train_group
@@ -243,77 +242,14 @@ class _GroupJob:
         """Network-iterations of the group (the progress bar's unit)."""
         return len(self.members) * self.members[0].plan.batch_indices.shape[0]
 
+    @property
+    def iterations(self) -> int:
+        """Solver iterations of every network of the group."""
+        return self.members[0].plan.batch_indices.shape[0]
 
-def _train_job(job: _GroupJob, data: TrainData, on_progress=None) -> list[RunResult]:
-    """Train one group (in this process)."""
-    return train_group(job.spec, list(job.members), data, job.settings, on_progress)
-
-
-_WORKER_DATA: TrainData | None = None
-
-
-def _init_worker(data: TrainData) -> None:
-    """Worker-process set-up: keep the data (inherited, not pickled, under fork) and use one BLAS
-    thread, so N workers use N cores without oversubscription."""
-    global _WORKER_DATA
-    from threadpoolctl import threadpool_limits
-
-    _WORKER_DATA = data
-    threadpool_limits(limits=1, user_api="blas")
-
-
-def _train_job_in_worker(job: _GroupJob) -> list[RunResult]:
-    """Worker-process entry: train one group on the data given at start-up."""
-    return _train_job(job, _WORKER_DATA)
-
-
-def _execute(jobs: list[_GroupJob], data: TrainData, n_jobs: int, progress: bool):
-    """Yield (run_indices, results) for each group as it finishes."""
-    from tqdm import tqdm
-
-    total = sum(job.work for job in jobs)
-    # disable=None: tqdm draws only when stderr is a terminal (silent in CI and pipes).
-    bar = tqdm(
-        total=total,
-        unit="net-it",
-        desc="training",
-        disable=None if progress else True,
-        file=sys.stderr,
-        smoothing=0.1,
-    )
-    try:
-        if n_jobs <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                done = [0]
-                k = len(job.members)
-
-                def tick(iterations: int, done=done, k=k) -> None:
-                    bar.update((iterations - done[0]) * k)
-                    done[0] = iterations
-
-                yield job.run_indices, _train_job(job, data, tick)
-        else:
-            # fork (where available) starts workers in milliseconds and shares the data without
-            # pickling it; results stream back group by group so each is recorded at once.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with ProcessPoolExecutor(
-                max_workers=min(n_jobs, len(jobs)),
-                mp_context=context,
-                initializer=_init_worker,
-                initargs=(data,),
-            ) as pool:
-                futures = {pool.submit(_train_job_in_worker, job): job for job in jobs}
-                try:
-                    for future in as_completed(futures):
-                        job = futures[future]
-                        bar.update(job.work)
-                        yield job.run_indices, future.result()
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-    finally:
-        bar.close()
+    def run(self, data: TrainData, on_progress=None) -> list[RunResult]:
+        """Train the group in this process; on_progress(iterations done) after each iteration."""
+        return train_group(self.spec, list(self.members), data, self.settings, on_progress)
 
 
 def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Callable[[str], None]):
@@ -434,7 +370,7 @@ def run_experiment(
     trained = 0
     start = time.perf_counter()
     try:
-        for run_indices, results in _execute(jobs_list, data, jobs, progress):
+        for run_indices, results in execute(jobs_list, data, jobs, progress):
             for i, result in zip(run_indices, results, strict=True):
                 summary = run_summary(runs[i], ids[i], result, data)
                 records.write_run(

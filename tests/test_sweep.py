@@ -199,9 +199,14 @@ def test_diverging_network_is_recorded_and_plotted_and_contained(tmp_path, data)
     rows = csv_rows(tmp_path / "out" / "results.csv")
     assert sum(r["diverged"] == "true" for r in rows) == 3
     assert any(p.name == "weight_init_sweep.png" for p in result.plots)
-    # The healthy networks trained beside the diverged ones equal a run without them.
-    alone = run(small_config("model.batchnorm=[false]"), tmp_path / "alone", data).summaries
-    assert [s["loss_history"] for s in alone] == [s["loss_history"] for s in by_lr[1e-3]]
+    # The healthy networks trained beside the diverged ones equal the same lockstep group with
+    # healthy neighbours, bit for bit: nothing of a diverged network leaks into the stack. (A
+    # group of another size is not compared bit for bit: OpenBLAS's float32 GEMM may sum in
+    # another order when the wide first layer has another number of columns.)
+    healthy = small_config("train.learning_rate=[1.0e-3, 2.0e-3]", "model.batchnorm=[false]")
+    beside = run(healthy, tmp_path / "healthy", data).summaries
+    beside = [s for s in beside if s["learning_rate"] == 1e-3]
+    assert [s["loss_history"] for s in beside] == [s["loss_history"] for s in by_lr[1e-3]]
 
 
 def test_an_error_in_training_is_recorded_as_failed_not_interrupted(tmp_path, data, monkeypatch):
