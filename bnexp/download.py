@@ -123,8 +123,13 @@ def _check_seconds(name: str, value) -> None:
 
 def _check_url(url: str) -> None:
     """DataError (one line) unless ``url`` is an absolute http(s) or file URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in URL_SCHEMES or (parts.scheme != "file" and not parts.hostname):
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in URL_SCHEMES and (parts.scheme == "file" or bool(parts.hostname))
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        ok = False
+    if not ok:
         raise DataError(
             f"--url {url[:200]!r} is not an http://, https:// or file:// address; give the full "
             f"URL of a mirror of {ARCHIVES['binary'][0]} (or of the python archive)"

@@ -328,7 +328,10 @@ def test_cli_trickle_one_line_within_deadline(tmp_path, server):
     assert result.exit_code == 2 and "--deadline" in result.output  # click usage error
 
 
-@pytest.mark.parametrize("url", ["notaurl", "http://", "ftp://example.org/cifar.tgz", "//x/y"])
+@pytest.mark.parametrize(
+    "url",
+    ["notaurl", "http://", "ftp://example.org/cifar.tgz", "//x/y", "http://[::1", "http://h:x/"],
+)
 def test_cli_bad_url_is_one_line(tmp_path, url):
     dest = tmp_path / "d"
     result = CliRunner().invoke(main, ["data", "download", "--data-dir", str(dest), "--url", url])
@@ -336,6 +339,15 @@ def test_cli_bad_url_is_one_line(tmp_path, url):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --url {url!r} is not an http://")
     assert not dest.exists()
+
+
+def test_file_url_of_a_local_archive(tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    archive.write_bytes(GOOD["binary"])
+    out = download.download(
+        tmp_path / "d", url=archive.as_uri(), md5=md5(GOOD["binary"]), progress=False
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(batch_files("binary"))
 
 
 def test_regular_file_where_the_folder_should_be_is_an_error(tmp_path, server):
