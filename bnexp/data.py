@@ -469,17 +469,20 @@ def _cache_key(layout: str, folder: Path, settings: dict) -> str:
 def _file_check(path: Path) -> dict:
     """What must match for a cache built from ``path`` to be used: stat fields and a sampled
     sha256 (see the comment above). JSON-ready."""
-    st = path.stat()
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if st.st_size <= SAMPLE_HEAD + SAMPLE_BLOCKS * SAMPLE_BLOCK:
-            digest.update(f.read())
-        else:
-            digest.update(f.read(SAMPLE_HEAD))
-            span = st.st_size - SAMPLE_HEAD - SAMPLE_BLOCK
-            for i in range(SAMPLE_BLOCKS):  # the last block ends at the end of the file
-                f.seek(SAMPLE_HEAD + i * span // (SAMPLE_BLOCKS - 1))
-                digest.update(f.read(SAMPLE_BLOCK))
+    try:
+        st = path.stat()
+        with open(path, "rb") as f:
+            if st.st_size <= SAMPLE_HEAD + SAMPLE_BLOCKS * SAMPLE_BLOCK:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(SAMPLE_HEAD))
+                span = st.st_size - SAMPLE_HEAD - SAMPLE_BLOCK
+                for i in range(SAMPLE_BLOCKS):  # the last block ends at the end of the file
+                    f.seek(SAMPLE_HEAD + i * span // (SAMPLE_BLOCKS - 1))
+                    digest.update(f.read(SAMPLE_BLOCK))
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return {
         "name": path.name,
         "size": st.st_size,

@@ -296,7 +296,7 @@ def _open_url(url: str, stall: float, watchdog: _Watchdog):
             class Connection(http_class):
                 def __init__(self, *args, **kw):
                     super().__init__(*args, **kw)
-                    create = self._create_connection
+                    create = getattr(self, "_create_connection", socket.create_connection)
 
                     def create_and_watch(*a, **k):
                         return watchdog.watch(create(*a, **k))
