@@ -12,6 +12,7 @@ import sys
 import click
 
 from bnexp import __version__
+from bnexp import download as download_limits  # light: its network modules load on use
 from bnexp.errors import BnexpError
 
 
@@ -78,12 +79,39 @@ def data_info(data_dir):
     help="Official archive: binary records or python pickles.",
 )
 @click.option("--url", default=None, help="Mirror of the official archive (MD5 still checked).")
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(0, download_limits.STALE_AGE, min_open=True),
+    default=download_limits.DEFAULT_STALL_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Give up when no byte arrives for this long.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(0, download_limits.STALE_AGE, min_open=True),
+    default=download_limits.DEFAULT_DEADLINE,
+    show_default=True,
+    metavar="SECONDS",
+    help="Give up when the whole transfer takes longer than this.",
+)
 @reports_errors
-def data_download(data_dir, fmt, url):
-    """Download the official CIFAR-10 archive, verify its MD5 and unpack it."""
+def data_download(data_dir, fmt, url, stall_timeout, deadline):
+    """Download the official CIFAR-10 archive, verify its MD5 and unpack it.
+
+    Nothing partial is left behind: not on errors, not on Ctrl-C or SIGTERM; temporaries of a
+    killed download are removed by the next one.
+    """
     from bnexp import data as data_lib
 
-    path = data_lib.download(data_lib.resolve_data_dir(data_dir), fmt=fmt, url=url, progress=True)
+    path = data_lib.download(
+        data_lib.resolve_data_dir(data_dir),
+        fmt=fmt,
+        url=url,
+        progress=True,
+        stall_timeout=stall_timeout,
+        deadline=deadline,
+    )
     click.echo(str(path))
 
 

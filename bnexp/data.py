@@ -16,21 +16,30 @@ import io
 import json
 import os
 import pickle
-import tempfile
+import shlex
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from bnexp.download import ARCHIVES, download
+from bnexp.download import ARCHIVES, download, new_temp_file, sweep_temporaries
 from bnexp.errors import ConfigError, DataError
 
-__all__ = ["Splits", "describe", "download", "load_splits", "read_batch", "resolve_data_dir"]
+__all__ = [
+    "Splits",
+    "describe",
+    "download",
+    "fingerprint",
+    "load_splits",
+    "read_batch",
+    "resolve_data_dir",
+]
 
 RECORD = 3073  # 1 label byte + 3,072 pixel bytes
 PIXELS = 3072
 TEST_BATCH_SIZE = 10_000
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by folder and settings, checked against the files on load
+CACHE_TEMP_PREFIX = ".tmp-cifar10-"
 LAYOUTS = {  # layout -> (folder, training batch files, test batch file, meta file)
     "binary": (
         ARCHIVES["binary"][2],
@@ -58,7 +67,8 @@ class Splits:
     mean_image : (3072,) float64 per-pixel mean of the first num_training training images
         (computed even when it is not subtracted).
     source : JSON-ready dict for the run manifest: data dir, layout, files with bytes, image counts
-        and sha256, split settings and counts.
+        and sha256, split settings and counts, and ``fingerprint`` (see ``fingerprint()``): the
+        identity of the data, the same for any copy of the same files and settings.
     """
 
     X_train: np.ndarray
@@ -88,6 +98,16 @@ def _user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
 
 
+def _is_default_folder(data_dir: Path) -> bool:
+    """Whether ``data_dir`` is the user cache folder, the only one bnexp fills on its own.
+
+    A folder the user named (--data-dir, BNEXP_DATA_DIR) is theirs: a missing copy there is an
+    error, never a 163 MB download they did not ask for.
+    """
+    default = _user_cache() / "bnexp"
+    return Path(os.path.abspath(data_dir)) == Path(os.path.abspath(default))
+
+
 def find_layout(data_dir: Path) -> tuple[str, Path] | None:
     """(layout, folder) of the CIFAR-10 copy in ``data_dir``, binary first; None if none."""
     for layout, (folder, *_) in LAYOUTS.items():
@@ -97,10 +117,14 @@ def find_layout(data_dir: Path) -> tuple[str, Path] | None:
 
 
 def _missing_message(data_dir: Path) -> str:
-    """One line: where we looked and how to fix it."""
+    """One line: where we looked, what is missing and the command that fetches it."""
     folders = " or ".join(f"{spec[0]}/" for spec in LAYOUTS.values())
+    where = "the folder does not exist" if not data_dir.exists() else f"looked for {folders}"
+    fetch = "bnexp data download"
+    if not _is_default_folder(data_dir):
+        fetch += f" --data-dir {shlex.quote(str(data_dir))}"
     return (
-        f"no CIFAR-10 in {data_dir} (looked for {folders}); run `bnexp data download`, "
+        f"no CIFAR-10 in {data_dir} ({where}); fetch it with `{fetch}`, "
         "or pass --data-dir / set BNEXP_DATA_DIR to a folder that holds one"
     )
 
@@ -255,7 +279,9 @@ def load_splits(
     num_test : the first test images form the test split.
     num_train_subset : returned X_train is the first ``num_train_subset`` train-split images.
     subtract_mean : subtract ``mean_image`` from every split (as the reference does by default).
-    download_if_missing : download the binary archive when no copy is found.
+    download_if_missing : download the binary archive when no copy is found, but only into the
+        user cache folder (``resolve_data_dir(None)`` with BNEXP_DATA_DIR unset); a folder the
+        user named is never filled on its own: a missing copy there is a DataError.
     use_cache : read/write the prepared splits in ``cache_dir``.
     progress : progress bar for a download.
     cache_dir : default ``$XDG_CACHE_HOME/bnexp/prepared`` (``~/.cache/bnexp/prepared``).
@@ -280,18 +306,19 @@ def load_splits(
     _check_settings(settings)
     data_dir = Path(data_dir).expanduser()
     found = find_layout(data_dir)
-    if found is None and download_if_missing:
+    if found is None and download_if_missing and _is_default_folder(data_dir):
         download(data_dir, "binary", progress=progress)
         found = find_layout(data_dir)
     if found is None:
         raise DataError(_missing_message(data_dir))
     layout, folder = found
     files = _batch_paths(layout, folder)
-    cache_file = None
+    cache_file = checks = None
     if use_cache:
         cache_dir = Path(cache_dir) if cache_dir else _user_cache() / "bnexp" / "prepared"
-        cache_file = cache_dir / f"cifar10-{_cache_key(layout, folder, files, settings)}.npz"
-        cached = _read_cache(cache_file, settings)
+        cache_file = cache_dir / f"cifar10-{_cache_key(layout, folder, settings)}.npz"
+        checks = [_file_check(p) for p in files]  # before reading: a later change is noticed
+        cached = _read_cache(cache_file, settings, checks)
         if cached is not None:
             for note in cached[-1].get("warnings", []):
                 warnings.warn(note, stacklevel=2)
@@ -300,7 +327,7 @@ def load_splits(
     for note in parts[-1]["warnings"]:
         warnings.warn(note, stacklevel=2)
     if cache_file is not None:
-        _write_cache(cache_file, parts)
+        _write_cache(cache_file, parts, checks)
     return _features(*parts, subtract_mean=subtract_mean)
 
 
@@ -381,6 +408,7 @@ def _prepare(layout: str, folder: Path, files: list[Path], s: dict):
         "counts": {"train": n_sub, "val": n_val, "test": s["num_test"]},
         "warnings": notes,
     }
+    source["fingerprint"] = fingerprint(source)
     rows = (
         np.concatenate(sub),
         np.concatenate(sub_y),
@@ -409,28 +437,70 @@ def _features(sub, sub_y, val, val_y, test, test_y, mean_image, source, *, subtr
 # The cache stores the uint8 rows of the three splits and the float64 mean image (about 9 MB
 # for the default splits instead of 74 MB of float64 features); the features are rebuilt from
 # them by the same code as on a cold load, so warm and cold loads are bit-identical.
+#
+# One cache file per (folder, layout, settings), overwritten when the files change. It is used
+# only when every source file still matches what it was built from: size, mtime and ctime (any
+# write, and even os.utime restoring the mtime, moves the ctime) and a sha256 over the first
+# SAMPLE_HEAD bytes plus SAMPLE_BLOCKS evenly spaced blocks (the whole file when it is small),
+# which catches a same-size rewrite even where ctime is unreliable (some network file systems).
+# That reads about 0.3 MB per 30 MB batch, so a warm load stays cheap.
 
 _CACHE_ARRAYS = ("sub", "sub_y", "val", "val_y", "test", "test_y", "mean_image")
+SAMPLE_HEAD = 1 << 16
+SAMPLE_BLOCK = 1 << 12
+SAMPLE_BLOCKS = 64
 
 
-def _cache_key(layout: str, folder: Path, files: list[Path], settings: dict) -> str:
-    """Hash of the split settings and a fingerprint (name, size, mtime_ns) of the source files."""
-    prints = []
-    for p in files:
-        st = p.stat()
-        prints.append([p.name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps(
-        [CACHE_VERSION, layout, str(folder.resolve()), prints, sorted(settings.items())]
-    )
+def fingerprint(source: dict) -> str:
+    """The data's identity: 16 hex digits of sha256 over the files' names and sha256 sums and
+    the split settings (from a ``Splits.source``). The same for any copy of the same files in
+    any folder or layout folder name; different when any file's content or a setting differs."""
+    files = [[f["name"], f["sha256"]] for f in source["files"]]
+    blob = json.dumps({"files": files, "settings": sorted(source["settings"].items())})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cache_key(layout: str, folder: Path, settings: dict) -> str:
+    """Hash of the cache format, the layout folder and the split settings."""
+    blob = json.dumps([CACHE_VERSION, layout, str(folder.resolve()), sorted(settings.items())])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _read_cache(path: Path, s: dict):
-    """The cached parts, or None when absent, unreadable or inconsistent (then it is rebuilt)."""
+def _file_check(path: Path) -> dict:
+    """What must match for a cache built from ``path`` to be used: stat fields and a sampled
+    sha256 (see the comment above). JSON-ready."""
+    digest = hashlib.sha256()
+    try:
+        st = path.stat()
+        with open(path, "rb") as f:
+            if st.st_size <= SAMPLE_HEAD + SAMPLE_BLOCKS * SAMPLE_BLOCK:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(SAMPLE_HEAD))
+                span = st.st_size - SAMPLE_HEAD - SAMPLE_BLOCK
+                for i in range(SAMPLE_BLOCKS):  # the last block ends at the end of the file
+                    f.seek(SAMPLE_HEAD + i * span // (SAMPLE_BLOCKS - 1))
+                    digest.update(f.read(SAMPLE_BLOCK))
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return {
+        "name": path.name,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "sample_sha256": digest.hexdigest(),
+    }
+
+
+def _read_cache(path: Path, s: dict, checks: list[dict]):
+    """The cached parts, or None when absent, built from other file contents (then it is
+    rebuilt silently), or unreadable or inconsistent (rebuilt with a warning)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["checks"])) != checks:
+                return None
             parts = [z[name] for name in _CACHE_ARRAYS]
             source = json.loads(str(z["source"]))
         shapes = [
@@ -449,18 +519,30 @@ def _read_cache(path: Path, s: dict):
     return (*parts, source)
 
 
-def _write_cache(path: Path, parts) -> None:
-    """Write the parts atomically (temp file + os.replace); a failure only warns."""
+def _write_cache(path: Path, parts, checks: list[dict]) -> None:
+    """Write the parts atomically (temp file + os.replace); a failure only warns.
+
+    The file gets the mode open() would give (0o666 minus the umask), so that a shared cache
+    is readable by the group as the umask intends.
+    """
     arrays = dict(zip(_CACHE_ARRAYS, parts[:-1], strict=True))
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+        sweep_temporaries(path.parent, (CACHE_TEMP_PREFIX,))
+        tmp, fd = new_temp_file(path.parent, CACHE_TEMP_PREFIX, ".npz")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, source=np.array(json.dumps(parts[-1])), **arrays)
+            np.savez(
+                f,
+                source=np.array(json.dumps(parts[-1])),
+                checks=np.array(json.dumps(checks)),
+                **arrays,
+            )
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         warnings.warn(f"could not write the data cache {path}: {exc}", stacklevel=3)
+    finally:  # also on Ctrl-C: no half-written temporary is left
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

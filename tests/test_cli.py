@@ -123,14 +123,18 @@ def test_bad_override_and_missing_config(tmp_path, fake_data):
 
 
 def test_missing_and_corrupt_data_are_one_line_exit_3(tmp_path, fake_data, monkeypatch):
-    # Missing data is downloaded on first use; here the "official" server refuses the connection.
-    _, md5, folder = download.ARCHIVES["binary"]
-    monkeypatch.setitem(download.ARCHIVES, "binary", ("http://127.0.0.1:9/c.tar.gz", md5, folder))
+    # A folder the user named is never filled on its own: missing data there is an error.
     empty = tmp_path / "empty"
     empty.mkdir()
     result = invoke("train", "-o", tmp_path / "o1", "--data-dir", empty, *SMALL)
-    assert_one_error_line(result, 3, "could not reach", "--data-dir")
+    assert_one_error_line(result, 3, "no CIFAR-10 in", "bnexp data download --data-dir")
     assert list(empty.iterdir()) == []
+    # The default cache is filled on first use; here the "official" server refuses the connection.
+    _, md5, folder = download.ARCHIVES["binary"]
+    monkeypatch.setitem(download.ARCHIVES, "binary", ("http://127.0.0.1:9/c.tar.gz", md5, folder))
+    result = invoke("train", "-o", tmp_path / "o1", *SMALL)
+    assert_one_error_line(result, 3, "could not reach", "--data-dir")
+    assert list((tmp_path / "cache" / "bnexp").iterdir()) == []
     batch = fake_data / "cifar-10-batches-bin" / "data_batch_3.bin"
     batch.write_bytes(batch.read_bytes()[:-5])
     result = invoke("train", "-o", tmp_path / "o2", "--data-dir", fake_data, *SMALL)

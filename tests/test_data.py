@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
+import shutil
+import stat
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -13,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from fakecifar import N_BATCH, N_TEST, make_images, write_binary, write_python
 
-from bnexp import data
+from bnexp import data, download
 from bnexp.cli import main
 from bnexp.errors import ConfigError, DataError
 
@@ -265,6 +271,36 @@ def test_empty_directory(tmp_path):
     assert_nothing_cached(tmp_path / "cache")
 
 
+def test_named_folder_without_data_is_refused_not_downloaded(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded into a folder the user named")
+
+    monkeypatch.setattr(data, "download", no_download)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    named = tmp_path / "mine" / "cifar"
+    with pytest.raises(DataError) as info:
+        data.load_splits(named, download_if_missing=True, cache_dir=tmp_path / "cache")
+    msg = str(info.value)
+    assert msg.startswith(f"no CIFAR-10 in {named} (the folder does not exist)")
+    assert f"`bnexp data download --data-dir {named}`" in msg and "\n" not in msg
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "xdg").exists()
+    assert_nothing_cached(tmp_path / "cache")
+
+
+def test_cli_train_with_empty_data_dir_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    args = ["train", "--data-dir", str(empty), "-o", str(out), "train.epochs=1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == DataError.exit_code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no CIFAR-10 in {empty} (looked for")
+    assert f"bnexp data download --data-dir {empty}" in lines[0]
+    assert list(empty.iterdir()) == [] and not out.exists() and not (tmp_path / "xdg").exists()
+
+
 def test_settings_beyond_data_and_impossible_settings(tmp_path, both):
     with pytest.raises(DataError, match="holds 200 training images"):
         load(both[0], tmp_path / "c", num_training=190, num_validation=20)
@@ -298,7 +334,7 @@ def test_warm_load_equals_cold_and_skips_parsing(tmp_path, both, monkeypatch):
         data.load_splits(both[0], cache_dir=cache, **SMALL)
 
 
-def test_cache_keyed_by_settings_and_source_files(tmp_path, both):
+def test_cache_keyed_by_settings_and_rebuilt_when_a_file_changes(tmp_path, both):
     cache = tmp_path / "cache"
     load(both[0], cache)
     load(both[0], cache, num_train_subset=50)
@@ -307,11 +343,104 @@ def test_cache_keyed_by_settings_and_source_files(tmp_path, both):
     raw = bytearray(path.read_bytes())
     raw[1] ^= 0xFF  # first pixel of image 0 changes: the stale cache must not be used
     path.write_bytes(bytes(raw))
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     fresh = load(both[0], cache, subtract_mean=False)
     assert fresh.X_train[0, 0] == raw[1]
-    assert len(list(cache.glob("*.npz"))) == 3
+    assert len(list(cache.glob("*.npz"))) == 2  # the stale file was replaced, not kept beside
+
+
+def rewrite_keeping_size_and_mtime(path: Path, offset: int) -> int:
+    """Flip the byte at ``offset`` and put the old atime/mtime back (os.utime); the new byte."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    return raw[offset]
+
+
+@pytest.mark.parametrize("image", [0, 37])  # a pixel at the start and one deep in the file
+def test_same_size_and_mtime_rewrite_rebuilds_cache(tmp_path, both, image):
+    cache = tmp_path / "cache"
+    cold = load(both[0], cache, subtract_mean=False)
+    path = both[0] / "cifar-10-batches-bin" / "data_batch_1.bin"
+    new = rewrite_keeping_size_and_mtime(path, image * 3073 + 1 + 100)
+    assert cold.X_train[image, 100] != new
+    again = load(both[0], cache, subtract_mean=False)
+    assert again.X_train[image, 100] == new  # rebuilt from the file, not the stale arrays
+    assert again.source["fingerprint"] != cold.source["fingerprint"]
+    (cache_file,) = cache.glob("*.npz")
+    mtime = cache_file.stat().st_mtime_ns
+    warm = load(both[0], cache, subtract_mean=False)  # the rebuilt cache is trusted again
+    assert cache_file.stat().st_mtime_ns == mtime and np.array_equal(warm.X_train, again.X_train)
+
+
+def test_file_check_samples_big_files_and_sees_ctime(tmp_path):
+    # A batch-sized file (30 MB in CIFAR-10) is only sampled: a change in the head or in a sampled
+    # block moves the digest; a change between blocks is still seen through the ctime that the
+    # write (and the os.utime that hides it) moves.
+    path = tmp_path / "big.bin"
+    path.write_bytes(np.random.default_rng(1).bytes(3 * 1024 * 1024))
+    before = data._file_check(path)
+    rewrite_keeping_size_and_mtime(path, 10)  # in the head
+    head = data._file_check(path)
+    assert head["sample_sha256"] != before["sample_sha256"]
+    assert (head["size"], head["mtime_ns"]) == (before["size"], before["mtime_ns"])
+    rewrite_keeping_size_and_mtime(path, path.stat().st_size - 1)  # in the last block
+    tail = data._file_check(path)
+    assert tail["sample_sha256"] != head["sample_sha256"]
+    time.sleep(0.05)  # ctime has the kernel's clock tick as resolution
+    rewrite_keeping_size_and_mtime(path, data.SAMPLE_HEAD + data.SAMPLE_BLOCK + 7)  # unsampled
+    between = data._file_check(path)
+    assert between["sample_sha256"] == tail["sample_sha256"]
+    assert between["ctime_ns"] != tail["ctime_ns"] and between != tail
+
+
+def test_fingerprint_is_the_identity_of_files_and_settings(tmp_path, both):
+    cold = load(both[0], tmp_path / "cache")
+    folder = both[0] / "cifar-10-batches-bin"
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    files = [[n, hashlib.sha256((folder / n).read_bytes()).hexdigest()] for n in names]
+    blob = json.dumps({"files": files, "settings": sorted(SMALL.items())})
+    assert cold.source["fingerprint"] == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert load(both[0], tmp_path / "cache").source["fingerprint"] == cold.source["fingerprint"]
+    copy = tmp_path / "copy"
+    shutil.copytree(both[0], copy)  # another folder, the same files: the same data
+    assert load(copy, tmp_path / "cache").source["fingerprint"] == cold.source["fingerprint"]
+    other = load(both[0], tmp_path / "cache", num_validation=29).source["fingerprint"]
+    assert other != cold.source["fingerprint"]
+    assert data.fingerprint(cold.source) == cold.source["fingerprint"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_cache_file_respects_umask(tmp_path, both, umask):
+    old = os.umask(umask)
+    try:
+        load(both[0], tmp_path / "cache")
+    finally:
+        os.umask(old)
+    (cache_file,) = (tmp_path / "cache").glob("*.npz")
+    assert stat.S_IMODE(cache_file.stat().st_mode) == 0o666 & ~umask
+
+
+def test_stale_cache_temporary_of_a_dead_process_is_swept(tmp_path, both):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = dead_pid()
+    stale = cache / f".tmp-cifar10-{download._host()}-{dead}-0000.npz"
+    stale.write_bytes(b"half")
+    live = cache / f".tmp-cifar10-{download._host()}-{os.getpid()}-0000.npz"
+    live.write_bytes(b"being written")
+    load(both[0], cache)
+    assert not stale.exists() and live.exists()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 @pytest.mark.filterwarnings("ignore:.*holds 30 test images")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 
 import numpy as np
@@ -85,3 +86,17 @@ def test_warm_equals_cold_and_source(cold_warm, cifar_dir):
     assert (
         files[-1]["sha256"] == hashlib.sha256((folder / files[-1]["name"]).read_bytes()).hexdigest()
     )
+
+
+def test_fingerprint_of_the_real_files(cold_warm, cifar_dir):
+    cold, warm = cold_warm
+    folder = cifar_dir / cold.source["folder"]
+    files = [
+        [f["name"], hashlib.sha256((folder / f["name"]).read_bytes()).hexdigest()]
+        for f in cold.source["files"]
+    ]
+    settings = {"num_training": 49000, "num_validation": 1000, "num_test": 1000}
+    settings["num_train_subset"] = 1000
+    blob = json.dumps({"files": files, "settings": sorted(settings.items())})
+    expected = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert cold.source["fingerprint"] == warm.source["fingerprint"] == expected
