@@ -37,7 +37,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, NullLocator
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator, NullLocator
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
 from bnexp import records, report
@@ -622,7 +622,8 @@ def _share_log_x(axes) -> None:
     """One log weight-scale axis for the stacked panels, labelled on the bottom one only.
 
     Not sharex: shared axes share their tickers, and the minor ticks the upper panels would
-    then draw (unlabelled) are a third of the drawing time.
+    then draw (unlabelled) are a third of the drawing time; the bottom panel's minor ticks are
+    at 2 and 5 x 10^k only, for the same reason.
     """
     for ax in axes:
         ax.set_xscale("log")
@@ -631,6 +632,7 @@ def _share_log_x(axes) -> None:
     for ax in axes:
         ax.set_xlim(low, high)
         _mathtext_log_ticks(ax.xaxis)
+    axes[-1].xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
     for ax in axes[:-1]:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.tick_params(labelbottom=False)

@@ -11,6 +11,7 @@ unless its name marks it as a result (see `is_setting`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,17 +143,27 @@ def _run_cell(summary: dict | None, key: str, spec: str) -> str:
     return _fmt(summary.get(key), spec) + mark
 
 
+def _compact(value: float, spec: str) -> str:
+    """`value` formatted with `spec`, exponents short: 2.304e+04 -> 2.304e4, 1e-05 -> 1e-5."""
+    return re.sub(
+        r"e([+-])0*(\d)", lambda m: f"e{'-' if m[1] == '-' else ''}{m[2]}", f"{value:{spec}}"
+    )
+
+
 def _stat_cell(runs: list[dict], key: str, spec: str) -> str:
-    """'mean±sd' over the replicates (finite values only), '(k div)' when k of them diverged."""
+    """'mean±sd' over the replicates (finite values only), '(k div)' when k of them diverged.
+
+    The SD of an accuracy has the mean's 3 decimals; that of a loss 2 significant digits.
+    """
     if not runs:
         return ""
     st = stat(runs, key)
     if st.n == 0:
         text = "-"
     elif st.n == 1:
-        text = format(st.mean, spec)
+        text = _compact(st.mean, spec)
     else:
-        text = f"{st.mean:{spec}}±{st.sd:{'.2g' if spec == '.4g' else spec}}"
+        text = f"{_compact(st.mean, spec)}±{_compact(st.sd, '.2g' if spec == '.4g' else spec)}"
     if key == "final_train_loss" and st.n_diverged:
         text += f" ({st.n_diverged} div)"
     return text
