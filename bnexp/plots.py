@@ -433,6 +433,8 @@ def _curves_canvas(n_handles: int, caption_text: str) -> tuple[Figure, Any, floa
 def _finish_curve_axes(ax_loss, ax_train, ax_val, top: float | None) -> None:
     """Reference lines, limits, titles and integer epoch ticks."""
     ax_loss.axhline(UNIFORM_LOSS, color="0.5", linestyle="--", linewidth=1, label="uniform guess")
+    if top is None:  # headroom above the highest loss and the uniform-guess line
+        top = 1.05 * max(ax_loss.get_ylim()[1], UNIFORM_LOSS)
     ax_loss.set_ylim(0, top)
     ax_loss.set(
         title="Training loss (faint: per minibatch; solid: epoch average)",
