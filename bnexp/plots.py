@@ -692,7 +692,10 @@ def save_figure(fig: Figure, folder: Path, stem: str, formats: Sequence[str] = (
     with mpl.rc_context({"svg.hashsalt": "bnexp"}):
         for ext in formats:
             path = folder / f"{stem}.{ext}"
-            options = {"dpi": DPI} if ext == "png" else {"metadata": {"Date": None}}
+            if ext == "png":  # zlib level 3: half the encoding time of the default 6, +15% size
+                options: dict = {"dpi": DPI, "pil_kwargs": {"compress_level": 3}}
+            else:
+                options = {"metadata": {"Date": None}}
             records.atomic_write(
                 path,
                 lambda tmp, ext=ext, options=options: fig.savefig(tmp, format=ext, **options),
