@@ -267,11 +267,15 @@ def _legend_rows(n_entries: int, ncol: int) -> int:
     return math.ceil(n_entries / ncol)
 
 
-def _caption(fig: Figure, text: str, chars: int) -> float:
-    """The caption under everything; returns its height in inches."""
+def _caption(fig: Figure, text: str, chars: int) -> None:
+    """The caption under everything, wrapped at `chars` characters."""
     wrapped = textwrap.fill(text, chars)
     fig.supxlabel(wrapped, fontsize=9, color="0.3", y=0.08 / fig.get_figheight(), va="bottom")
-    return 0.12 + 0.17 * (wrapped.count("\n") + 1)
+
+
+def _caption_height(text: str, chars: int) -> float:
+    """Inches the caption of `_caption` takes (9 pt lines)."""
+    return 0.12 + 0.17 * (textwrap.fill(text, chars).count("\n") + 1)
 
 
 def _edge_mark(ax, x: float, y_axes: float, slot: float, **marker) -> Any:
@@ -417,7 +421,7 @@ def _draw_curve_accuracy(ax, line: Line, mean: np.ndarray, sd: np.ndarray) -> No
 def _curves_canvas(n_handles: int, caption_text: str) -> tuple[Figure, Any, float]:
     """The figure and its three axes side by side; returns the caption's height (inches)."""
     width, axes_h, left, right, gap, top = 15.0, 3.6, 0.75, 0.2, 0.8, 0.75
-    caption_h = 0.12 + 0.17 * (textwrap.fill(caption_text, 170).count("\n") + 1)
+    caption_h = _caption_height(caption_text, 170)
     bottom = 0.6 + 0.2 * _legend_rows(n_handles, 3) + 0.1 + caption_h
     height = top + axes_h + bottom
     fig = Figure(figsize=(width, height))
@@ -603,10 +607,10 @@ def _finish_loss_panel(ax, lines: Sequence[Line], marks: Sequence[EdgeMark]) -> 
 
 
 def _sweep_canvas(n_handles: int, caption_text: str, marks: bool) -> tuple[Figure, Any, float]:
-    """The figure and its three stacked axes in a fixed layout; returns the legend's y (inches)."""
+    """The figure and its three stacked axes in a fixed layout; returns the caption height (in)."""
     width, axes_h, left, right = 8.0, 2.7, 0.8, 0.2
     gap = 0.75 if marks else 0.45  # room for the values written above the loss panel's top edge
-    caption_h = 0.12 + 0.17 * (textwrap.fill(caption_text, 100).count("\n") + 1)
+    caption_h = _caption_height(caption_text, 100)
     legend_h = 0.2 * _legend_rows(n_handles, 2) + 0.1
     bottom = 0.55 + legend_h + caption_h
     top = 0.75
@@ -756,9 +760,15 @@ def _plots_folder(out: Path) -> Path:
     folder = out / "plots"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder)
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create ({exc.strerror or exc}); check OUT") from None
+    try:
+        remove_stale_temporaries(folder)
+    except OSError as exc:
+        raise OutputError(
+            f"{folder}: cannot remove the temporary files of an interrupted plot "
+            f"({exc.strerror or exc}); check the folder's permissions"
+        ) from None
     return folder
 
 
