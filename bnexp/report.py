@@ -1,8 +1,133 @@
-"""The one-screen summary table printed after `bnexp train` / `bnexp sweep-init`."""
+"""Summaries of finished runs: replicate groups, mean ± SD over seeds, and the one-screen table
+printed after `bnexp train` / `bnexp sweep-init`.
+
+A *setting* is everything that defines a run except its seed: the summary fields that are not
+results. Runs that share a setting are replicates; with several seeds the table and the figures
+show their mean ± the sample standard deviation (ddof = 1) and n. Summaries may carry more keys
+than today's (every config key can become a sweep axis): an unknown key is part of the setting
+unless its name marks it as a result (see `is_setting`).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Fields of summary.json that are outcomes or bookkeeping, never part of a run's setting.
+RESULT_FIELDS = frozenset(
+    {
+        "run_id",
+        "index",
+        "seed",
+        "train_acc_history",
+        "val_acc_history",
+        "check_iterations",
+        "test_acc",
+        "loss_history",
+        "best_train_acc",
+        "best_val_acc",
+        "final_train_loss",
+        "diverged",
+        "diverged_iteration",
+        "status",
+        "seconds",
+    }
+)
+# Name endings that mark a result in keys this module does not know yet (e.g. group_seconds).
+RESULT_SUFFIXES = ("_acc", "_loss", "_history", "_iteration", "_iterations", "seconds", "_id")
+# Short column and label names of the usual sweep axes; other keys are shown by their name.
+SHORT_NAMES = {"weight_scale": "scale", "learning_rate": "lr"}
+
+
+def is_setting(key: str) -> bool:
+    """True when a summary field defines the run (a config value) rather than reports on it."""
+    return key not in RESULT_FIELDS and not key.endswith(RESULT_SUFFIXES)
+
+
+def hashable(value: Any) -> Any:
+    """A summary value usable as a dict key: lists become tuples, dicts sorted item tuples."""
+    if isinstance(value, list | tuple):
+        return tuple(hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, hashable(v)) for k, v in value.items()))
+    return value
+
+
+def setting_of(summary: dict, without: Sequence[str] = ()) -> tuple:
+    """The run's setting as sorted (key, value) pairs, leaving out the keys in `without`."""
+    return tuple(
+        sorted((k, hashable(v)) for k, v in summary.items() if is_setting(k) and k not in without)
+    )
+
+
+def varying_keys(summaries: Sequence[dict]) -> list[str]:
+    """Setting keys whose value differs between runs, in first-seen key order."""
+    seen: dict[str, set] = {}
+    for s in summaries:
+        for key, value in s.items():
+            if is_setting(key):
+                seen.setdefault(key, set()).add(hashable(value))
+    # A key missing from some summaries (an older record) varies too: it reads as None there.
+    return [k for k, vals in seen.items() if len(vals) > 1 or any(k not in s for s in summaries)]
+
+
+def group_runs(summaries: Sequence[dict], without: Sequence[str] = ("seed",)) -> list[list[dict]]:
+    """Runs grouped by `setting_of(run, without)`, groups and runs in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(setting_of(s, without), []).append(s)
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample SD (ddof = 1) of a metric's finite values over n_runs replicates.
+
+    n is the number of finite values (a diverged run has none); sd is NaN when n < 2.
+    """
+
+    mean: float
+    sd: float
+    n: int
+    n_runs: int
+    n_diverged: int
+
+
+def stat(runs: Sequence[dict], key: str) -> Stat:
+    """The Stat of summary field `key` over `runs` (None, NaN and inf are not finite)."""
+    values = [float(s[key]) for s in runs if s.get(key) is not None]
+    values = [v for v in values if math.isfinite(v)]
+    n = len(values)
+    mean = sum(values) / n if n else math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    diverged = sum(bool(s.get("diverged")) for s in runs)
+    return Stat(mean, sd, n, len(runs), diverged)
+
+
+def fmt_value(value: Any) -> str:
+    """A setting value for a table cell or a label: 0.001 -> '0.001', [50, 50] -> '[50]x2'."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list | tuple) and value and len(set(value)) == 1:
+        return f"[{value[0]}]x{len(value)}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+# --- the table ------------------------------------------------------------------------------
+
+METRIC_COLUMNS = (  # (summary field, column stem, format of one value)
+    ("best_val_acc", "val", ".3f"),
+    ("best_train_acc", "train", ".3f"),
+    ("final_train_loss", "loss", ".4g"),
+    ("test_acc", "test", ".3f"),
+)
 
 
 def _fmt(value, spec: str) -> str:
@@ -10,47 +135,87 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _cell(summary: dict | None) -> tuple[str, str, str]:
-    """(best val acc, best train acc, final loss) of one run, marked when it diverged."""
+def _run_cell(summary: dict | None, key: str, spec: str) -> str:
+    """One run's value; the loss marked '(div)' when the run diverged."""
     if summary is None:
-        return "", "", ""
-    mark = " (div)" if summary.get("diverged") else ""
-    return (
-        _fmt(summary.get("best_val_acc"), ".3f"),
-        _fmt(summary.get("best_train_acc"), ".3f"),
-        _fmt(summary.get("final_train_loss"), ".4g") + mark,
+        return ""
+    mark = " (div)" if key == "final_train_loss" and summary.get("diverged") else ""
+    return _fmt(summary.get(key), spec) + mark
+
+
+def _compact(value: float, spec: str) -> str:
+    """`value` formatted with `spec`, exponents short: 2.304e+04 -> 2.304e4, 1e-05 -> 1e-5."""
+    return re.sub(
+        r"e([+-])0*(\d)", lambda m: f"e{'-' if m[1] == '-' else ''}{m[2]}", f"{value:{spec}}"
     )
 
 
+def _stat_cell(runs: list[dict], key: str, spec: str) -> str:
+    """'mean±sd' over the replicates (finite values only), '(k div)' when k of them diverged.
+
+    The SD of an accuracy has the mean's 3 decimals; that of a loss 2 significant digits.
+    """
+    if not runs:
+        return ""
+    st = stat(runs, key)
+    if st.n == 0:
+        text = "-"
+    elif st.n == 1:
+        text = _compact(st.mean, spec)
+    else:
+        text = f"{_compact(st.mean, spec)}±{_compact(st.sd, '.2g' if spec == '.4g' else spec)}"
+    if key == "final_train_loss" and st.n_diverged:
+        text += f" ({st.n_diverged} div)"
+    return text
+
+
+def _row_keys(summaries: Sequence[dict]) -> list[str]:
+    """The setting keys that label a row: weight_scale first, then the other varying ones."""
+    varying = [k for k in varying_keys(summaries) if k not in ("batchnorm", "weight_scale")]
+    return ["weight_scale", *varying]
+
+
+def _n_text(bn: list[dict], base: list[dict]) -> str:
+    """Replicates in a row: '3', or '3/2' (BN/baseline) when a partial result differs."""
+    if bn and base and len(bn) != len(base):
+        return f"{len(bn)}/{len(base)}"
+    return str(len(bn or base))
+
+
 def summary_table(summaries: Sequence[dict]) -> str:
-    """Rows of weight scale (and learning rate, seed when they vary) with BN and baseline side by
-    side: best val accuracy, best train accuracy, final training loss (mean of the last minibatch
-    losses), and test accuracy of the best-val parameters."""
-    keys = []
-    pairs: dict[tuple, dict[bool, dict]] = {}
+    """Rows of weight scale (and every other varying setting) with BN and baseline side by side:
+    best val accuracy, best train accuracy, final training loss (mean of the last minibatch
+    losses), and test accuracy of the best-val parameters.
+
+    With one seed a row shows each run's values; with several seeds (replicates) a row is one
+    setting and shows mean±SD over its seeds (sample SD, finite values only) and n.
+    """
+    several_seeds = len({hashable(s.get("seed")) for s in summaries}) > 1
+    keys = _row_keys(summaries)
+    rows: dict[tuple, dict[bool, list[dict]]] = {}
     for s in summaries:
-        key = (s.get("seed"), s.get("learning_rate"), s.get("weight_scale"))
-        if key not in pairs:
-            keys.append(key)
-            pairs[key] = {}
-        pairs[key][bool(s.get("batchnorm"))] = s
-    several_seeds = len({k[0] for k in keys}) > 1
-    several_lrs = len({k[1] for k in keys}) > 1
-    head = ["scale"] + (["lr"] if several_lrs else []) + (["seed"] if several_seeds else [])
-    head += ["val BN", "val base", "train BN", "train base", "loss BN", "loss base"]
-    head += ["test BN", "test base"]
-    rows = [head]
-    for key in keys:
-        bn, base = pairs[key].get(True), pairs[key].get(False)
-        (v1, t1, l1), (v0, t0, l0) = _cell(bn), _cell(base)
-        row = [f"{key[2]:.3g}"]
-        row += [f"{key[1]:.3g}"] if several_lrs else []
-        row += [str(key[0])] if several_seeds else []
-        row += [v1, v0, t1, t0, l1, l0]
-        row += [_fmt((bn or {}).get("test_acc"), ".3f") if bn else ""]
-        row += [_fmt((base or {}).get("test_acc"), ".3f") if base else ""]
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+        row = tuple(hashable(s.get(k)) for k in keys)
+        rows.setdefault(row, {True: [], False: []})[bool(s.get("batchnorm"))].append(s)
+    head = [SHORT_NAMES.get(k, k) for k in keys] + (["n"] if several_seeds else [])
+    for _, stem, _ in METRIC_COLUMNS:
+        head += [f"{stem} BN", f"{stem} base"]
+    lines = [head]
+    for row, pair in rows.items():
+        cells = [fmt_value(v) for v in row]
+        cells += [_n_text(pair[True], pair[False])] if several_seeds else []
+        for key, _, spec in METRIC_COLUMNS:
+            for runs in (pair[True], pair[False]):
+                if several_seeds:
+                    cells.append(_stat_cell(runs, key, spec))
+                else:
+                    cells.append(_run_cell(runs[0] if runs else None, key, spec))
+        lines.append(cells)
+    return _align(lines)
+
+
+def _align(rows: list[list[str]]) -> str:
+    """Right-aligned columns with a dashed rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    text = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -91,6 +92,51 @@ def assert_png_svg(paths):
 
 
 SWEEP = ["train.epochs=3", "model.weight_scale={logspace: [-4, 0, 5]}"]
+REPLICATES = [*SWEEP, "seed=[1, 2, 3]"]
+MATHTEXT_POWER = re.compile(r"\$\\mathdefault\{10\^\{-?\d+\}\}\$")
+
+
+def replicate_summaries(overrides=REPLICATES):
+    """Fake summaries of a sweep with seeds whose metrics differ from seed to seed."""
+    cfg = load_config(None, overrides)
+    summaries = []
+    for run in expand_runs(cfg):
+        s = fake_summary(run, str(run.index))
+        rng = np.random.default_rng(1000 + run.index)
+        for key in ("best_val_acc", "best_train_acc", "final_train_loss"):
+            s[key] += 0.05 * rng.random()
+        s["val_acc_history"] = [v + 0.03 * rng.random() for v in s["val_acc_history"]]
+        summaries.append(s)
+    return cfg, summaries
+
+
+def by_setting(summaries, bn, key):
+    """{weight scale: [values of the seeds]} for batch norm or baseline, computed here."""
+    out = {}
+    for s in summaries:
+        if s["batchnorm"] == bn:
+            out.setdefault(s["weight_scale"], []).append(s[key])
+    return out
+
+
+def band(ax, label):
+    """Vertices (V, 2) of the shaded band drawn for the line `label` (fill_between)."""
+    (poly,) = [c for c in ax.collections if c.get_label() == f"_band {label}"]
+    return np.concatenate([p.vertices for p in poly.get_paths()])
+
+
+def assert_band_is_mean_sd(vertices, xs, values):
+    """At each x the band spans mean - SD .. mean + SD (sample SD) of `values[x]`."""
+    for x in xs:
+        ys = vertices[np.isclose(vertices[:, 0], x), 1]
+        mean, sd = np.mean(values[x]), np.std(values[x], ddof=1)
+        assert sd > 0
+        np.testing.assert_allclose([ys.min(), ys.max()], [mean - sd, mean + sd], rtol=1e-9)
+
+
+def legend_labels(fig):
+    (legend,) = fig.legends
+    return [t.get_text() for t in legend.get_texts()]
 
 
 def test_sweep_plots_with_diverged_and_missing_runs(tmp_path):
@@ -98,39 +144,148 @@ def test_sweep_plots_with_diverged_and_missing_runs(tmp_path):
     # Run 9 = scale 1, baseline (BN first, then baseline): diverges at iteration 7, losing its
     # loss and all accuracy checks after the first; run 6 is missing (a partial result).
     cfg, written = write_fake(out, SWEEP, diverge={9: 7}, skip={6})
-    paths = plots.plot_results(out)
-    names = sorted(p.name for p in paths)
-    assert names == sorted(
+    paths = plots.plot_results(out, formats=("png", "svg"))
+    assert [p.name for p in paths] == [
         f"{stem}.{ext}"
         for stem in ("training_curves", "weight_init_sweep")
         for ext in ("png", "svg")
-    )
+    ]
     assert all(p.parent == out / "plots" for p in paths)
     assert_png_svg(paths)
 
     fig = plots.build_sweep_figure(written, expected_runs=10)
     loss_ax = fig.axes[2]
-    diverged = [a for a in loss_ax.get_lines() if a.get_label().startswith("diverged")]
-    assert len(diverged) == 1
-    assert list(diverged[0].get_xdata()) == [1.0]
-    assert "baseline" in diverged[0].get_label()
+    # Its loss is not finite: a red x on the loss panel's top edge, labelled with infinity.
+    (diverged,) = [a for a in loss_ax.get_lines() if a.get_label() == "diverged"]
+    assert list(diverged.get_xdata()) == [1.0] and list(diverged.get_ydata()) == [1.0]
+    assert diverged.get_color() == plots.DIVERGED_COLOR
+    assert [t.get_text() for t in loss_ax.texts] == [r"$\infty$"]
     # On the accuracy panels the diverged run is marked at its (finite) best accuracy.
     for ax, key in zip(fig.axes[:2], ("best_val_acc", "best_train_acc"), strict=True):
         (marker,) = [a for a in ax.get_lines() if a.get_label().startswith("diverged")]
+        assert "baseline" in marker.get_label()
         assert list(marker.get_ydata()) == [written[-1][key]]
     # The baseline loss line has a gap at the diverged scale, not a dropped point.
     (baseline,) = [a for a in loss_ax.get_lines() if a.get_label() == "baseline"]
     assert list(baseline.get_xdata()) == list(cfg.model.weight_scale)
     assert np.isnan(baseline.get_ydata()[-1])
+    assert any("diverged" in label for label in legend_labels(fig))
     # The missing run is said in the caption.
     assert "partial: 9 of 10 runs" in fig.get_supxlabel()
+
+
+def test_png_only_by_default_and_unknown_formats_refused(tmp_path):
+    out = tmp_path / "out"
+    write_fake(out, SWEEP)
+    paths = plots.plot_results(out)
+    assert [p.name for p in paths] == ["training_curves.png", "weight_init_sweep.png"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [p.name for p in paths]
+    with pytest.raises(OutputError, match="pdf"):
+        plots.plot_results(out, formats=("pdf",))
+
+
+def test_stale_plot_temporaries_are_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    write_fake(out, ["train.epochs=2", "model.weight_scale=0.02"])
+    folder = out / "plots"
+    folder.mkdir()
+    stale = [folder / ".training_curves.png.k3j_x9a1.tmp", folder / ".weight_init_sweep.svg.a.tmp"]
+    kept = [folder / "notes.tmp", folder / ".keep.tmp", folder / ".training_curves.png.tmp.bak"]
+    for path in stale + kept:
+        path.write_text("x")
+    plots.plot_results(out)
+    assert all(not p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+
+
+def test_replicates_are_a_mean_line_with_a_one_sd_band_and_dots():
+    cfg, summaries = replicate_summaries()
+    scales = list(cfg.model.weight_scale)
+    fig = plots.build_sweep_figure(summaries)
+    for ax, key in zip(
+        fig.axes, ("best_val_acc", "best_train_acc", "final_train_loss"), strict=True
+    ):
+        for bn, label in ((True, "batch norm"), (False, "baseline")):
+            values = by_setting(summaries, bn, key)
+            (line,) = [a for a in ax.get_lines() if a.get_label() == label]
+            assert list(line.get_xdata()) == scales
+            np.testing.assert_allclose(line.get_ydata(), [np.mean(values[x]) for x in scales])
+            assert_band_is_mean_sd(band(ax, label), scales, values)
+            (dots,) = [a for a in ax.get_lines() if a.get_label() == f"_seeds {label}"]
+            assert sorted(dots.get_ydata()) == sorted(v for x in scales for v in values[x])
+    labels = legend_labels(fig)
+    assert "shaded: mean ± 1 SD over n = 3 seeds" in labels
+    assert len(labels) == len(set(labels))
+
+
+def test_loss_panel_is_linear_with_blown_up_runs_marked_at_the_top():
+    _, summaries = replicate_summaries(SWEEP)
+    summaries[9]["final_train_loss"] = 2.4e5  # scale 1, baseline: blown up, still finite
+    fig = plots.build_sweep_figure(summaries)
+    loss_ax = fig.axes[2]
+    assert loss_ax.get_yscale() == "linear"
+    assert loss_ax.get_ylim() == plots.SWEEP_LOSS_RANGE
+    (mark,) = [a for a in loss_ax.get_lines() if a.get_label() == "above the axis"]
+    assert list(mark.get_xdata()) == [1.0] and mark.get_marker() == "^"
+    assert mark.get_color() == plots.BN_STYLE[False]["color"]
+    assert [t.get_text() for t in loss_ax.texts] == ["2.4e5"]
+    fig.canvas.draw()
+    for ax in fig.axes:
+        for tick in ax.get_yticklabels():
+            assert "e+" not in tick.get_text() and "e-" not in tick.get_text()
+    # The weight-scale axis: one mathtext style, 10^-4 ... 10^0, labelled on the bottom panel.
+    texts = [t.get_text() for t in fig.axes[2].get_xticklabels() if t.get_text()]
+    assert texts and all(MATHTEXT_POWER.fullmatch(t) for t in texts)
+    assert {r"$\mathdefault{10^{-4}}$", r"$\mathdefault{10^{0}}$"} <= set(texts)
+    assert all(not t.get_text() for t in fig.axes[0].get_xticklabels())
+    assert all(ax.get_xlim() == fig.axes[2].get_xlim() for ax in fig.axes)
+
+
+def test_curves_of_replicates_and_a_blown_up_run():
+    _, summaries = replicate_summaries()
+    for s in summaries:  # scale 1, baseline, every seed: the loss blows up
+        if s["weight_scale"] == 1.0 and not s["batchnorm"]:
+            s["loss_history"] = [v * 1e6 for v in s["loss_history"]]
+    fig = plots.build_curves_figure(summaries)
+    loss_ax, train_ax, val_ax = fig.axes
+    # One blown-up run does not flatten the others: clipped at twice a uniform guess, said so.
+    assert loss_ax.get_ylim() == (0.0, plots.CURVE_LOSS_TOP)
+    labels = legend_labels(fig)
+    assert len(labels) == len(set(labels))
+    (clipped,) = [t for t in labels if "off the axis" in t]
+    assert clipped.startswith("baseline, scale 1 (loss off the axis, up to ")
+    # The validation accuracy of each drawn setting is the mean over the 3 seeds with a band.
+    for s0 in [s for s in summaries if s["seed"] == 1 and s["weight_scale"] in (1e-4, 1.0)]:
+        label = (
+            ("batch norm" if s0["batchnorm"] else "baseline")
+            + ", scale "
+            + ("1e-4" if s0["weight_scale"] == 1e-4 else "1")
+        )
+        seeds = [
+            s["val_acc_history"]
+            for s in summaries
+            if (s["batchnorm"], s["weight_scale"]) == (s0["batchnorm"], s0["weight_scale"])
+        ]
+        assert len(seeds) == 3
+        (line,) = [a for a in val_ax.get_lines() if a.get_label() == label]
+        np.testing.assert_allclose(line.get_ydata(), np.mean(seeds, axis=0))
+        values = dict(enumerate(np.array(seeds).T))
+        assert_band_is_mean_sd(band(val_ax, label), range(len(values)), values)
+    # Integer epoch ticks; the legend sits below the axes, so it hides no data.
+    fig.canvas.draw()
+    for ax in (train_ax, val_ax):
+        ticks = ax.get_xticks()
+        assert np.array_equal(ticks, np.round(ticks))
+        assert ax.get_legend() is None
+    legend_top = fig.legends[0].get_window_extent().y1
+    assert all(legend_top < ax.get_tightbbox().y0 + 1 for ax in fig.axes)
 
 
 def test_curves_figure_of_two_runs(tmp_path):
     out = tmp_path / "out"
     _, written = write_fake(out, ["train.epochs=2", "model.weight_scale=0.02"])
-    paths = plots.plot_results(out)
-    assert sorted(p.name for p in paths) == ["training_curves.png", "training_curves.svg"]
+    paths = plots.plot_results(out, formats=["svg", "png"])
+    assert [p.name for p in paths] == ["training_curves.svg", "training_curves.png"]
     assert_png_svg(paths)
     fig = plots.build_curves_figure(written)
     loss_ax, train_ax, _ = fig.axes
