@@ -227,8 +227,8 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     xmu = x - mean
     var = (xmu * xmu).mean(axis=-2, keepdims=True)  # biased: divide by N
     std = np.sqrt(var + eps)
-    ivar = 1 / std
-    xhat = xmu * ivar
+    inv_std = 1 / std
+    xhat = xmu * inv_std
     out = g * xhat
     out += beta[..., None, :]
 
@@ -241,7 +241,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
         "mean": mean,
         "var": var,
         "std": std,
-        "ivar": ivar,
+        "inv_std": inv_std,
         "eps": eps,
         "gamma": gamma,
         "beta_shape": beta.shape,
@@ -286,11 +286,11 @@ def batchnorm_backward(dout: np.ndarray, cache):
     dvar = (dxhat * xmu).sum(axis=-2, keepdims=True) * -0.5 * (var + eps) ** -1.5
     # mean enters xhat directly and through var = mean((x - mean)**2); the second path is
     # dvar * mean(-2 (x - mean)), zero in exact arithmetic, kept because it is in the graph.
-    dmean = (dxhat * -cache["ivar"]).sum(axis=-2, keepdims=True) + dvar * (-2 * xmu).mean(
+    dmean = (dxhat * -cache["inv_std"]).sum(axis=-2, keepdims=True) + dvar * (-2 * xmu).mean(
         axis=-2, keepdims=True
     )
     # x enters xhat, var and mean.
-    dx = dxhat * cache["ivar"] + dvar * 2 * xmu / N + dmean / N
+    dx = dxhat * cache["inv_std"] + dvar * 2 * xmu / N + dmean / N
     return (
         _sum_to_shape(dx, xhat.shape),
         _sum_to_shape(dgamma, gamma.shape),
@@ -314,12 +314,12 @@ def batchnorm_backward_alt(dout: np.ndarray, cache):
     dx : (..., N, D); dgamma, dbeta : shaped like gamma and beta.
     """
     _bn_check("batchnorm_backward_alt", dout, cache)
-    xhat, ivar, gamma = cache["xhat"], cache["ivar"], cache["gamma"]
+    xhat, inv_std, gamma = cache["xhat"], cache["inv_std"], cache["gamma"]
     N = dout.shape[-2]
     dbeta = dout.sum(axis=-2)
     dgamma = (dout * xhat).sum(axis=-2)
     # The two sums are dbeta and dgamma, so the closed form reuses them.
-    dx = (gamma[..., None, :] * ivar) * (
+    dx = (gamma[..., None, :] * inv_std) * (
         dout - (dbeta / N)[..., None, :] - xhat * (dgamma / N)[..., None, :]
     )
     return (
