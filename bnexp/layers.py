@@ -1,4 +1,7 @@
-"""Forward/backward pairs for the fully connected net: affine, relu, batch norm, softmax loss, L2.
+"""Forward/backward pairs for the fully connected net.
+
+Affine, ReLU, batch norm (staged and closed-form backward, population statistics), noisy batch
+norm, layer norm, inverted dropout, softmax loss and the L2 penalty.
 
 Every array is shaped ``(..., N, D)``: the leading axes ``...`` index independent networks trained
 in lockstep, ``N`` is the minibatch and ``D`` the features. Reductions run over the batch axis -2
@@ -218,15 +221,8 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     momentum = float(bn_param.get("momentum", 0.9))
     running_mean, running_var = _running_stats(name, bn_param, x)
 
-    g = gamma[..., None, :]
     if mode == "test":
-        # Inference: a fixed affine map per feature, from the running (or population) stats.
-        # Same operations as (x - mean) / sqrt(var + eps) * gamma + beta, in place on one array.
-        out = x - running_mean[..., None, :]
-        out /= np.sqrt(running_var[..., None, :] + eps)
-        out *= g
-        out += beta[..., None, :]
-        return out, None
+        return _batchnorm_inference(x, gamma, beta, running_mean, running_var, eps), None
 
     if N < 2:
         raise ValueError(
@@ -240,7 +236,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     std = np.sqrt(var + eps)
     inv_std = 1 / std
     xhat = xmu * inv_std
-    out = g * xhat
+    out = gamma[..., None, :] * xhat
     out += beta[..., None, :]
 
     if mode == "train":
@@ -259,6 +255,16 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
         "out_shape": out.shape,
     }
     return out, cache
+
+
+def _batchnorm_inference(x, gamma, beta, running_mean, running_var, eps: float) -> np.ndarray:
+    """Test mode: a fixed affine map per feature from the running (or population) statistics."""
+    # Same operations as (x - mean) / sqrt(var + eps) * gamma + beta, in place on one array.
+    out = x - running_mean[..., None, :]
+    out /= np.sqrt(running_var[..., None, :] + eps)
+    out *= gamma[..., None, :]
+    out += beta[..., None, :]
+    return out
 
 
 def _bn_check(name: str, dout: np.ndarray, cache) -> None:
@@ -385,12 +391,14 @@ def sample_bn_noise(
 
         scale ~ Uniform(1, 1 + strength)        shift ~ Uniform(-strength, strength)
 
-    so after the noise a unit's mean across the batch is ``scale * beta + shift`` (non-zero in
-    general, even when beta = 0) and its variance ``(scale * gamma)**2`` (above gamma**2), and both
-    change from step to step. ``strength = 0`` gives scale 1 and shift 0: plain batch norm. The
-    recommended default is ``NOISY_BN_STRENGTH`` = 1: a unit's mean moves by up to one standard
-    deviation of its normalised value and its standard deviation grows by up to 2x, a shift of
-    the activation distribution far larger than the one training itself causes.
+    so after the noise a unit's mean over the batch is ``scale * beta + shift`` (non-zero in
+    general, even where beta = 0) and its standard deviation ``scale * |gamma|`` (above |gamma|),
+    and both change from step to step: the per-unit, per-step random mean and non-unit variance
+    of Santurkar et al. (2018), §2.1, here drawn from uniform distributions with one strength
+    parameter. ``strength = 0`` gives scale 1 and shift 0, i.e. plain batch norm. The
+    recommended default is ``NOISY_BN_STRENGTH`` = 1: at each step a unit's mean moves by up to
+    one standard deviation of the normalised activation and its spread grows by a factor of up
+    to 2.
 
     Parameters
     ----------

@@ -254,6 +254,14 @@ def test_running_stats_start_at_zero_with_default_momentum():
     np.testing.assert_allclose(bn_param["running_var"], 0.1 * x.var(axis=0), rtol=1e-13)
 
 
+def test_default_eps_is_1e_5_inside_the_square_root():
+    # var ~ 1e-6, so eps matters: the output is xmu / sqrt(var + 1e-5), written out here.
+    x = _rng(18).standard_normal((6, 3)) * 1e-3
+    out, _ = L.batchnorm_forward(x, np.ones(3), np.zeros(3), {"mode": "batch"})
+    xmu = x - x.mean(axis=0)
+    np.testing.assert_allclose(out, xmu / np.sqrt((xmu**2).mean(axis=0) + 1e-5), rtol=1e-12)
+
+
 def test_batch_mode_and_test_mode_leave_running_stats_alone():
     rng = _rng(11)
     r_mean, r_var = rng.standard_normal(3), rng.uniform(1, 2, 3)
