@@ -1,4 +1,7 @@
-"""Forward/backward pairs for the fully connected net: affine, relu, batch norm, softmax loss, L2.
+"""Forward/backward pairs for the fully connected net.
+
+Affine, ReLU, batch norm (staged and closed-form backward, population statistics), noisy batch
+norm, layer norm, inverted dropout, softmax loss and the L2 penalty.
 
 Every array is shaped ``(..., N, D)``: the leading axes ``...`` index independent networks trained
 in lockstep, ``N`` is the minibatch and ``D`` the features. Reductions run over the batch axis -2
@@ -141,6 +144,34 @@ def relu_backward(dout: np.ndarray, cache) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_norm_inputs(name: str, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> None:
+    """Shapes of a normalization layer: x (..., N, D), gamma and beta (..., D)."""
+    _require_ndim(name, "x", x, 2, "(..., N, D)")
+    _require_ndim(name, "gamma", gamma, 1, "(..., D)")
+    _require_ndim(name, "beta", beta, 1, "(..., D)")
+    D = x.shape[-1]
+    if gamma.shape[-1] != D or beta.shape[-1] != D:
+        raise ValueError(
+            f"{name}: feature axis mismatch: x (..., N, D) {x.shape}, gamma {gamma.shape}, "
+            f"beta {beta.shape}"
+        )
+    _leading(name, ("x", x, 2), ("gamma", gamma, 1), ("beta", beta, 1))
+
+
+def _running_stats(name: str, bn_param: dict, x: np.ndarray):
+    """bn_param's running mean and variance, (..., D) like x's networks; zeros when missing."""
+    stat_shape = (*x.shape[:-2], x.shape[-1])
+    stats = []
+    for label in ("running_mean", "running_var"):
+        r = bn_param.get(label)
+        if r is None:
+            r = np.zeros(stat_shape, dtype=x.dtype)
+        if r.shape != stat_shape:  # one statistic per network and feature, no broadcasting
+            raise ValueError(f"{name}: {label} has shape {r.shape}, x has shape {x.shape}")
+        stats.append(r)
+    return stats
+
+
 def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_param: dict):
     """Batch normalization (Ioffe & Szegedy 2015, Algorithm 1), per feature over the batch axis.
 
@@ -184,38 +215,14 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     mode = bn_param.get("mode")
     if mode not in BN_MODES:
         raise ValueError(f"{name}: unknown mode {mode!r}; expected one of {', '.join(BN_MODES)}")
-    _require_ndim(name, "x", x, 2, "(..., N, D)")
-    _require_ndim(name, "gamma", gamma, 1, "(..., D)")
-    _require_ndim(name, "beta", beta, 1, "(..., D)")
-    N, D = x.shape[-2:]
-    if gamma.shape[-1] != D or beta.shape[-1] != D:
-        raise ValueError(
-            f"{name}: feature axis mismatch: x (..., N, D) {x.shape}, gamma {gamma.shape}, "
-            f"beta {beta.shape}"
-        )
-    _leading(name, ("x", x, 2), ("gamma", gamma, 1), ("beta", beta, 1))
+    _check_norm_inputs(name, x, gamma, beta)
+    N = x.shape[-2]
     eps = float(bn_param.get("eps", 1e-5))
     momentum = float(bn_param.get("momentum", 0.9))
-    stat_shape = (*x.shape[:-2], D)
-    running_mean = bn_param.get("running_mean")
-    running_var = bn_param.get("running_var")
-    if running_mean is None:
-        running_mean = np.zeros(stat_shape, dtype=x.dtype)
-    if running_var is None:
-        running_var = np.zeros(stat_shape, dtype=x.dtype)
-    for label, r in (("running_mean", running_mean), ("running_var", running_var)):
-        if r.shape != stat_shape:  # one statistic per network and feature, no broadcasting
-            raise ValueError(f"{name}: {label} has shape {r.shape}, x has shape {x.shape}")
+    running_mean, running_var = _running_stats(name, bn_param, x)
 
-    g = gamma[..., None, :]
     if mode == "test":
-        # Inference: a fixed affine map per feature, from the running (or population) stats.
-        # Same operations as (x - mean) / sqrt(var + eps) * gamma + beta, in place on one array.
-        out = x - running_mean[..., None, :]
-        out /= np.sqrt(running_var[..., None, :] + eps)
-        out *= g
-        out += beta[..., None, :]
-        return out, None
+        return _batchnorm_inference(x, gamma, beta, running_mean, running_var, eps), None
 
     if N < 2:
         raise ValueError(
@@ -227,9 +234,9 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     xmu = x - mean
     var = (xmu * xmu).mean(axis=-2, keepdims=True)  # biased: divide by N
     std = np.sqrt(var + eps)
-    ivar = 1 / std
-    xhat = xmu * ivar
-    out = g * xhat
+    inv_std = 1 / std
+    xhat = xmu * inv_std
+    out = gamma[..., None, :] * xhat
     out += beta[..., None, :]
 
     if mode == "train":
@@ -241,13 +248,23 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
         "mean": mean,
         "var": var,
         "std": std,
-        "ivar": ivar,
+        "inv_std": inv_std,
         "eps": eps,
         "gamma": gamma,
         "beta_shape": beta.shape,
         "out_shape": out.shape,
     }
     return out, cache
+
+
+def _batchnorm_inference(x, gamma, beta, running_mean, running_var, eps: float) -> np.ndarray:
+    """Test mode: a fixed affine map per feature from the running (or population) statistics."""
+    # Same operations as (x - mean) / sqrt(var + eps) * gamma + beta, in place on one array.
+    out = x - running_mean[..., None, :]
+    out /= np.sqrt(running_var[..., None, :] + eps)
+    out *= gamma[..., None, :]
+    out += beta[..., None, :]
+    return out
 
 
 def _bn_check(name: str, dout: np.ndarray, cache) -> None:
@@ -286,11 +303,11 @@ def batchnorm_backward(dout: np.ndarray, cache):
     dvar = (dxhat * xmu).sum(axis=-2, keepdims=True) * -0.5 * (var + eps) ** -1.5
     # mean enters xhat directly and through var = mean((x - mean)**2); the second path is
     # dvar * mean(-2 (x - mean)), zero in exact arithmetic, kept because it is in the graph.
-    dmean = (dxhat * -cache["ivar"]).sum(axis=-2, keepdims=True) + dvar * (-2 * xmu).mean(
+    dmean = (dxhat * -cache["inv_std"]).sum(axis=-2, keepdims=True) + dvar * (-2 * xmu).mean(
         axis=-2, keepdims=True
     )
     # x enters xhat, var and mean.
-    dx = dxhat * cache["ivar"] + dvar * 2 * xmu / N + dmean / N
+    dx = dxhat * cache["inv_std"] + dvar * 2 * xmu / N + dmean / N
     return (
         _sum_to_shape(dx, xhat.shape),
         _sum_to_shape(dgamma, gamma.shape),
@@ -314,12 +331,12 @@ def batchnorm_backward_alt(dout: np.ndarray, cache):
     dx : (..., N, D); dgamma, dbeta : shaped like gamma and beta.
     """
     _bn_check("batchnorm_backward_alt", dout, cache)
-    xhat, ivar, gamma = cache["xhat"], cache["ivar"], cache["gamma"]
+    xhat, inv_std, gamma = cache["xhat"], cache["inv_std"], cache["gamma"]
     N = dout.shape[-2]
     dbeta = dout.sum(axis=-2)
     dgamma = (dout * xhat).sum(axis=-2)
     # The two sums are dbeta and dgamma, so the closed form reuses them.
-    dx = (gamma[..., None, :] * ivar) * (
+    dx = (gamma[..., None, :] * inv_std) * (
         dout - (dbeta / N)[..., None, :] - xhat * (dgamma / N)[..., None, :]
     )
     return (
@@ -356,6 +373,308 @@ def batchnorm_population_stats(batch_means: np.ndarray, batch_vars: np.ndarray, 
         )
     m = int(batch_size)
     return batch_means.mean(axis=0), m / (m - 1) * batch_vars.mean(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# noisy batch normalization
+# ---------------------------------------------------------------------------------------------
+
+NOISY_BN_STRENGTH = 1.0  # the recommended default of `sample_bn_noise`'s strength
+
+
+def sample_bn_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], strength: float, dtype=np.float64
+):
+    """Draw one step's noise for :func:`noisy_batchnorm_forward`.
+
+    Per unit (and per network), independently at every step::
+
+        scale ~ Uniform(1, 1 + strength)        shift ~ Uniform(-strength, strength)
+
+    so after the noise a unit's mean over the batch is ``scale * beta + shift`` (non-zero in
+    general, even where beta = 0) and its standard deviation ``scale * |gamma|`` (above |gamma|),
+    and both change from step to step: the per-unit, per-step random mean and non-unit variance
+    of Santurkar et al. (2018), §2.1, here drawn from uniform distributions with one strength
+    parameter. ``strength = 0`` gives scale 1 and shift 0, i.e. plain batch norm. The
+    recommended default is ``NOISY_BN_STRENGTH`` = 1: at each step a unit's mean moves by up to
+    one standard deviation of the normalised activation and its spread grows by a factor of up
+    to 2.
+
+    Parameters
+    ----------
+    rng : the generator of the run's plan (the only source of randomness).
+    shape : (..., D), one value per network and unit.
+    strength : >= 0.
+    dtype : of the returned arrays (the layer's dtype, so float32 stays float32).
+
+    Returns
+    -------
+    scale, shift : arrays of `shape`; scale is drawn first, then shift.
+    """
+    if not strength >= 0:  # also rejects NaN
+        raise ValueError(f"sample_bn_noise: strength must be >= 0, got {strength}")
+    s = float(strength)
+    scale = 1.0 + s * rng.random(shape)
+    shift = s * (2.0 * rng.random(shape) - 1.0)
+    return scale.astype(dtype, copy=False), shift.astype(dtype, copy=False)
+
+
+def noisy_batchnorm_forward(
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_param: dict, noise
+):
+    """Batch norm followed by a random per-unit scale and shift (Santurkar et al. 2018, §2.1).
+
+    ``out = scale * batchnorm(x) + shift``: the noise moves and rescales every unit's output
+    distribution at every step, so a network trained with it sees a changing input distribution
+    (large "internal covariate shift") while keeping batch norm's normalisation. The noise is
+    drawn by the caller, one draw per step, with :func:`sample_bn_noise` (its docstring gives the
+    distribution and the strength parameter); the same draw applies to every example of the batch.
+
+    Parameters
+    ----------
+    x : (..., N, D) inputs.
+    gamma, beta : (..., D) scale and shift of the batch norm.
+    bn_param : as for :func:`batchnorm_forward`; running statistics are those of batch norm (of
+        x, before the noise), updated in 'train' mode.
+    noise : (scale, shift), each (..., D), or None for no noise. Their leading axes must
+        broadcast to those of the output; they are cast to the output's dtype. Not applied in
+        'test' mode: the noise is a training-time perturbation, like dropout.
+
+    Returns
+    -------
+    out : (..., N, D).
+    cache : for :func:`noisy_batchnorm_backward`: the batch-norm cache (with its batch ``mean``
+        and ``var``) plus the noise scale; None in 'test' mode.
+    """
+    out, cache = batchnorm_forward(x, gamma, beta, bn_param)
+    if cache is None or noise is None:
+        return out, (None if cache is None else {**cache, "noise_scale": None})
+    scale, shift = _check_noise("noisy_batchnorm_forward", noise, out)
+    out *= scale[..., None, :]  # out is a fresh array of the full (..., N, D) shape
+    out += shift[..., None, :]
+    return out, {**cache, "noise_scale": scale}
+
+
+def _check_noise(name: str, noise, out: np.ndarray):
+    """Validate (scale, shift) against the batch-norm output; return them in out's dtype."""
+    try:
+        scale, shift = (np.asarray(a) for a in noise)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: noise must be a pair (scale, shift) or None") from None
+    D = out.shape[-1]
+    for label, a in (("scale", scale), ("shift", shift)):
+        if a.ndim < 1 or a.shape[-1] != D:
+            raise ValueError(f"{name}: noise {label} must be (..., {D}), got shape {a.shape}")
+        lead = _leading(name, ("out", out, 2), (label, a, 1))
+        if lead != out.shape[:-2]:  # noise may not add networks the output does not have
+            raise ValueError(
+                f"{name}: noise {label} of shape {a.shape} adds leading axes to the output "
+                f"{out.shape}"
+            )
+    return scale.astype(out.dtype, copy=False), shift.astype(out.dtype, copy=False)
+
+
+def noisy_batchnorm_backward(dout: np.ndarray, cache):
+    """Backward of :func:`noisy_batchnorm_forward`, the noise held constant.
+
+    Parameters
+    ----------
+    dout : (..., N, D) upstream gradient.
+    cache : from :func:`noisy_batchnorm_forward` in 'train' or 'batch' mode.
+
+    Returns
+    -------
+    dx : (..., N, D); dgamma, dbeta : shaped like gamma and beta.
+    """
+    if cache is None:
+        raise ValueError(
+            "noisy_batchnorm_backward: no cache; the backward pass exists for 'train'/'batch' modes"
+        )
+    scale = cache["noise_scale"]
+    # out = scale * bn + shift: the shift has no effect on gradients, the scale multiplies them.
+    d_bn = dout if scale is None else dout * scale[..., None, :]
+    return batchnorm_backward_alt(d_bn, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer normalization
+# ---------------------------------------------------------------------------------------------
+
+
+def layernorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, ln_param: dict):
+    """Layer normalization (Ba, Kiros & Hinton 2016): each example over its features.
+
+    ``xhat = (x - mean) / sqrt(var + eps)`` with the mean and the biased variance taken over the
+    feature axis -1 of each example, then ``out = gamma * xhat + beta``. No batch statistics, so
+    no running averages: training and test behave the same, and any ``mode`` in ln_param is
+    ignored (it is accepted so one param dict can serve every normalization).
+
+    Parameters
+    ----------
+    x : (..., N, D) inputs, D >= 2.
+    gamma, beta : (..., D) scale and shift (per feature, as in CS231n).
+    ln_param : dict with ``eps`` (default 1e-5, inside the square root).
+
+    Returns
+    -------
+    out : (..., N, D).
+    cache : for :func:`layernorm_backward`.
+    """
+    name = "layernorm_forward"
+    _check_norm_inputs(name, x, gamma, beta)
+    if x.shape[-1] < 2:
+        raise ValueError(
+            f"{name}: needs D >= 2 features per example to estimate a variance, "
+            f"got x of shape {x.shape}"
+        )
+    eps = float(ln_param.get("eps", 1e-5))
+    mean = x.mean(axis=-1, keepdims=True)  # (..., N, 1)
+    xmu = x - mean
+    var = (xmu * xmu).mean(axis=-1, keepdims=True)  # biased: divide by D
+    inv_std = 1 / np.sqrt(var + eps)
+    xhat = xmu * inv_std
+    out = gamma[..., None, :] * xhat
+    out += beta[..., None, :]
+    cache = {
+        "xhat": xhat,
+        "inv_std": inv_std,
+        "gamma": gamma,
+        "beta_shape": beta.shape,
+        "out_shape": out.shape,
+    }
+    return out, cache
+
+
+def layernorm_backward(dout: np.ndarray, cache):
+    """Backward of :func:`layernorm_forward`, closed form.
+
+    With ``g = dout * gamma`` and means over the feature axis of each example:
+    ``dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps)`` (batch norm's closed form
+    with the roles of the two axes swapped).
+
+    Parameters
+    ----------
+    dout : (..., N, D) upstream gradient.
+    cache : from :func:`layernorm_forward`.
+
+    Returns
+    -------
+    dx : like x; dgamma, dbeta : like gamma and beta (summed over N and broadcast axes).
+    """
+    if dout.shape != cache["out_shape"]:
+        raise ValueError(
+            f"layernorm_backward: dout has shape {dout.shape}, forward output had "
+            f"{cache['out_shape']}"
+        )
+    xhat, inv_std, gamma = cache["xhat"], cache["inv_std"], cache["gamma"]
+    dbeta = dout.sum(axis=-2)
+    dgamma = (dout * xhat).sum(axis=-2)
+    g = dout * gamma[..., None, :]
+    dx = inv_std * (
+        g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
+    )
+    return (
+        _sum_to_shape(dx, xhat.shape),
+        _sum_to_shape(dgamma, gamma.shape),
+        _sum_to_shape(dbeta, cache["beta_shape"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------
+
+DROPOUT_MODES = ("train", "test")
+
+
+def dropout_forward(x: np.ndarray, dropout_param: dict):
+    """Inverted dropout: keep each unit with probability p and scale the kept ones by 1/p.
+
+    Scaling at training time keeps E[out] = x, so the test-time pass is the identity.
+
+    Parameters
+    ----------
+    x : (..., N, D) activations.
+    dropout_param : dict with keys
+        ``p`` (required): probability of KEEPING a unit, in (0, 1]; a float, or an array of shape
+        (...,) with one value per network of the stack (broadcast over N and D). p = 1 is off:
+        the mask is all ones and the output equals x exactly.
+        ``mode`` (required): 'train' or 'test' (test: out is x itself, no copy).
+        ``mask`` (optional): bool or 0/1 array of x's shape, the units kept; it makes a step
+        reproducible independently of how networks are stacked. It must keep every unit of a
+        network whose p is 1.
+        ``seed`` (optional): used when no mask is given, as ``np.random.default_rng(seed)``.
+        In 'train' mode with some p < 1, a mask or a seed is required (no global randomness).
+
+    Returns
+    -------
+    out : like x, in x's dtype.
+    cache : for :func:`dropout_backward`.
+    """
+    name = "dropout_forward"
+    mode = dropout_param.get("mode")
+    if mode not in DROPOUT_MODES:
+        raise ValueError(f"{name}: unknown mode {mode!r}; expected one of train, test")
+    _require_ndim(name, "x", x, 2, "(..., N, D)")
+    p = _keep_probabilities(name, dropout_param.get("p"), x)
+    if mode == "test":
+        return x, {"mode": mode, "multiplier": None, "shape": x.shape}
+    mask = _dropout_mask(name, dropout_param, p, x)
+    # One multiplier per unit, in x's dtype; 1/p is exactly 1 where p = 1, so out == x there.
+    multiplier = mask * (1.0 / p).astype(x.dtype)[..., None, None]
+    return x * multiplier, {"mode": mode, "multiplier": multiplier, "shape": x.shape}
+
+
+def _keep_probabilities(name: str, p, x: np.ndarray) -> np.ndarray:
+    """The keep probabilities as a float64 array of shape (...,), checked to lie in (0, 1]."""
+    if p is None:
+        raise ValueError(f"{name}: dropout_param needs 'p', the probability of keeping a unit")
+    p = np.asarray(p, dtype=np.float64)
+    lead = x.shape[:-2]
+    try:
+        fits = np.broadcast_shapes(p.shape, lead) == lead
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name}: p of shape {p.shape} must be a scalar or match the leading (network) "
+            f"axes {lead} of x {x.shape}"
+        )
+    if not np.all((p > 0) & (p <= 1)):  # NaN fails too
+        raise ValueError(f"{name}: p (keep probability) must be in (0, 1], got {p.min()}")
+    return p
+
+
+def _dropout_mask(name: str, dropout_param: dict, p: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The bool mask of kept units, x's shape: given, drawn from the seed, or all ones."""
+    mask = dropout_param.get("mask")
+    p_full = p[..., None, None]
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != x.shape:
+            raise ValueError(f"{name}: mask has shape {mask.shape}, x has shape {x.shape}")
+        if mask.dtype != bool:
+            if not np.all((mask == 0) | (mask == 1)):
+                raise ValueError(f"{name}: mask must be bool or hold only 0 and 1")
+            mask = mask != 0
+        if not np.all(mask | (p_full < 1)):
+            raise ValueError(f"{name}: mask drops units of a network whose p is 1 (dropout off)")
+        return mask
+    if np.all(p == 1):
+        return np.ones(x.shape, dtype=bool)
+    if dropout_param.get("seed") is None:
+        raise ValueError(f"{name}: 'train' mode with p < 1 needs a 'mask' or a 'seed'")
+    # random() is in [0, 1), so a unit with p = 1 is always kept.
+    return np.random.default_rng(dropout_param["seed"]).random(x.shape) < p_full
+
+
+def dropout_backward(dout: np.ndarray, cache) -> np.ndarray:
+    """Backward of :func:`dropout_forward`; dout like x -> dx like x (the mask and 1/p applied)."""
+    if dout.shape != cache["shape"]:
+        raise ValueError(f"dropout_backward: dout has shape {dout.shape}, x had {cache['shape']}")
+    if cache["mode"] == "test":
+        return dout
+    return dout * cache["multiplier"]
 
 
 # ---------------------------------------------------------------------------------------------

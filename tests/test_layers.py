@@ -168,7 +168,7 @@ def test_staged_and_closed_form_backward_agree(shape):
         assert staged.shape == closed.shape
         # Relative to the size of the terms that are summed: for N = 2 the exact dx is tiny
         # (of order eps / var) and elementwise relative error would only measure cancellation.
-        scale = np.max(np.abs(dout)) * max(1.0, np.max(np.abs(gamma * cache["ivar"][..., 0, :])))
+        scale = np.max(np.abs(dout)) * max(1.0, np.max(np.abs(gamma * cache["inv_std"][..., 0, :])))
         assert np.max(np.abs(staged - closed)) <= 1e-12 * scale
 
 
@@ -188,18 +188,62 @@ def test_running_update_follows_documented_formula():
     rng = _rng(9)
     K, D = 2, 4
     r_mean, r_var = rng.standard_normal((K, D)), rng.uniform(0.5, 2, (K, D))
+    r_mean_before, r_var_before = r_mean.copy(), r_var.copy()
     bn_param = {"mode": "train", "momentum": 0.8, "running_mean": r_mean, "running_var": r_var}
     expected_mean, expected_var = r_mean.copy(), r_var.copy()
     for _ in range(3):
         x = rng.standard_normal((K, 10, D)) * 2 + 1
         L.batchnorm_forward(x, np.ones(D), np.zeros(D), bn_param)
-        expected_mean = 0.8 * expected_mean + 0.2 * x.mean(axis=1)
-        expected_var = 0.8 * expected_var + 0.2 * x.var(axis=1)  # biased (ddof=0)
+        # Written out per network and feature with Python sums, not with the layer's reductions.
+        for k in range(K):
+            for d in range(D):
+                col = [float(v) for v in x[k, :, d]]
+                mu = sum(col) / len(col)
+                var = sum((v - mu) ** 2 for v in col) / len(col)  # biased (divide by N)
+                expected_mean[k, d] = 0.8 * expected_mean[k, d] + 0.2 * mu
+                expected_var[k, d] = 0.8 * expected_var[k, d] + 0.2 * var
     np.testing.assert_allclose(bn_param["running_mean"], expected_mean, rtol=1e-13)
     np.testing.assert_allclose(bn_param["running_var"], expected_var, rtol=1e-13)
-    # New arrays are stored back; the caller's originals are untouched.
-    assert bn_param["running_mean"] is not r_mean
-    np.testing.assert_array_equal(r_mean, expected_mean * 0 + r_mean)
+    # New arrays are stored back; the caller's originals keep their values (copies taken above).
+    assert bn_param["running_mean"] is not r_mean and bn_param["running_var"] is not r_var
+    np.testing.assert_array_equal(r_mean, r_mean_before)
+    np.testing.assert_array_equal(r_var, r_var_before)
+
+
+@pytest.mark.parametrize("mode", ["train", "batch", "test"])
+@pytest.mark.parametrize("backward", [L.batchnorm_backward, L.batchnorm_backward_alt])
+def test_batchnorm_leaves_the_callers_arrays_alone(mode, backward):
+    """The contract of the docstring: inputs are read only; 'train' stores *new* running arrays.
+
+    Every array handed in (x, gamma, beta, the running statistics, dout) keeps its values, the
+    output shares no memory with an input, and only 'train' replaces the two running entries of
+    bn_param (with fresh arrays); no other key of bn_param changes.
+    """
+    rng = _rng(17)
+    x = rng.standard_normal((2, 6, 4)) * 3 + 1
+    gamma, beta = rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    r_mean, r_var = rng.standard_normal((2, 4)), rng.uniform(0.5, 2, (2, 4))
+    bn_param = {"mode": mode, "momentum": 0.7, "eps": 1e-4}
+    bn_param.update(running_mean=r_mean, running_var=r_var)
+    inputs = {"x": x, "gamma": gamma, "beta": beta, "running_mean": r_mean, "running_var": r_var}
+    before = {name: a.copy() for name, a in inputs.items()}
+    param_before = dict(bn_param)
+
+    out, cache = L.batchnorm_forward(x, gamma, beta, bn_param)
+    if cache is not None:
+        dout = rng.standard_normal(out.shape)
+        dout_before = dout.copy()
+        backward(dout, cache)
+        np.testing.assert_array_equal(dout, dout_before)
+    for name, a in inputs.items():
+        np.testing.assert_array_equal(a, before[name], err_msg=name)
+        assert not np.shares_memory(out, a), name
+    assert bn_param.keys() == param_before.keys()
+    for key, value in param_before.items():
+        if mode == "train" and key in ("running_mean", "running_var"):
+            assert bn_param[key] is not value and not np.shares_memory(bn_param[key], value)
+        else:
+            assert bn_param[key] is value, key
 
 
 def test_running_stats_start_at_zero_with_default_momentum():
@@ -208,6 +252,14 @@ def test_running_stats_start_at_zero_with_default_momentum():
     L.batchnorm_forward(x, np.ones(3), np.zeros(3), bn_param)
     np.testing.assert_allclose(bn_param["running_mean"], 0.1 * x.mean(axis=0), rtol=1e-13)
     np.testing.assert_allclose(bn_param["running_var"], 0.1 * x.var(axis=0), rtol=1e-13)
+
+
+def test_default_eps_is_1e_5_inside_the_square_root():
+    # var ~ 1e-6, so eps matters: the output is xmu / sqrt(var + 1e-5), written out here.
+    x = _rng(18).standard_normal((6, 3)) * 1e-3
+    out, _ = L.batchnorm_forward(x, np.ones(3), np.zeros(3), {"mode": "batch"})
+    xmu = x - x.mean(axis=0)
+    np.testing.assert_allclose(out, xmu / np.sqrt((xmu**2).mean(axis=0) + 1e-5), rtol=1e-12)
 
 
 def test_batch_mode_and_test_mode_leave_running_stats_alone():

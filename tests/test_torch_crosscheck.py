@@ -1,4 +1,7 @@
-"""Batch norm against PyTorch (an independent implementation) in float64; skipped without torch.
+"""Batch norm, noisy batch norm and layer norm against PyTorch autograd in float64.
+
+Skipped without torch (an optional extra). PyTorch is an independent implementation of the
+forward passes, and its autograd an independent derivation of the backward passes.
 
 Conventions compared explicitly: PyTorch's ``momentum=0.1`` weights the new batch statistic, ours
 (0.9) weights the old running value, so they are the same update. PyTorch stores the *unbiased*
@@ -88,3 +91,66 @@ def test_stack_matches_torch_per_network():
         np.testing.assert_allclose(out[k], t_out, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dx[k], t_dx, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(dgamma[k], t_dgamma, rtol=1e-12, atol=1e-12)
+
+
+def _torch_grads(fn, dout, *arrays):
+    """Output of ``fn`` on float64 tensors of `arrays` and the gradients of sum(out * dout)."""
+    tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out = fn(*tensors)
+    out.backward(torch.tensor(dout))
+    return out.detach().numpy(), [t.grad.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (7, 5), (50, 16)])
+def test_layernorm_matches_torch(shape):
+    rng = np.random.default_rng(3)
+    D = shape[-1]
+    x = 3.0 * rng.standard_normal(shape) - 2.0
+    gamma, beta = rng.standard_normal(D), rng.standard_normal(D)
+    dout = rng.standard_normal(shape)
+    out, cache = L.layernorm_forward(x, gamma, beta, {"eps": 1e-5})
+    grads = L.layernorm_backward(dout, cache)
+    t_out, t_grads = _torch_grads(
+        lambda a, g, b: F.layer_norm(a, (D,), g, b, eps=1e-5), dout, x, gamma, beta
+    )
+    np.testing.assert_allclose(out, t_out, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(grads, t_grads, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_layernorm_stack_matches_torch_per_network():
+    rng = np.random.default_rng(4)
+    K, N, D = 3, 6, 8
+    x = rng.standard_normal((K, N, D)) * 2
+    gamma, beta = rng.standard_normal((K, D)), rng.standard_normal((K, D))
+    dout = rng.standard_normal((K, N, D))
+    out, cache = L.layernorm_forward(x, gamma, beta, {})
+    dx, dgamma, dbeta = L.layernorm_backward(dout, cache)
+    for k in range(K):
+        t_out, (t_dx, t_dgamma, t_dbeta) = _torch_grads(
+            lambda a, g, b: F.layer_norm(a, (D,), g, b, eps=1e-5), dout[k], x[k], gamma[k], beta[k]
+        )
+        np.testing.assert_allclose(out[k], t_out, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx[k], t_dx, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dgamma[k], t_dgamma, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dbeta[k], t_dbeta, rtol=1e-12, atol=1e-12)
+
+
+def test_noisy_batchnorm_matches_torch_with_the_noise_as_constants():
+    rng = np.random.default_rng(5)
+    N, D = 10, 6
+    x = 2.0 * rng.standard_normal((N, D)) + 1.0
+    gamma, beta = rng.standard_normal(D), rng.standard_normal(D)
+    scale, shift = L.sample_bn_noise(rng, (D,), 1.0)
+    dout = rng.standard_normal((N, D))
+    out, cache = L.noisy_batchnorm_forward(x, gamma, beta, {"mode": "train"}, (scale, shift))
+    grads = L.noisy_batchnorm_backward(dout, cache)
+    s, t = torch.tensor(scale), torch.tensor(shift)  # no requires_grad: constants
+
+    def noisy(a, g, b):
+        return F.batch_norm(a, None, None, g, b, training=True, eps=1e-5) * s + t
+
+    t_out, t_grads = _torch_grads(noisy, dout, x, gamma, beta)
+    np.testing.assert_allclose(out, t_out, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(grads, t_grads, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
