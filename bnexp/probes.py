@@ -38,6 +38,7 @@ Normalization Help Optimization?"):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -49,14 +50,15 @@ from bnexp.model import NetSpec
 #: Percentiles of the pre-activation recorded by `layer_stats` (act_p15, act_p50, act_p85).
 PERCENTILES = (15, 50, 85)
 
-#: Step sizes of `landscape`, as multiples of each network's learning rate. Santurkar et al. move
-#: along the gradient over a range of step sizes around the training step size and report the
-#: spread of the loss and the largest change of the gradient. Here the steps are plain gradient
-#: steps ``eta * g``; with Adam (the default rule) one training step moves every weight by about
-#: the learning rate whatever its gradient, much farther than ``learning_rate * g`` when the
-#: gradient is small, so the range runs from the learning rate itself up to 1000 times it, a
-#: factor of about 4.6 apart (geometric, so each decade gets the same number of points).
-DEFAULT_FACTORS = (1.0, 4.64, 21.5, 100.0, 464.0, 1000.0)
+#: Step sizes of `landscape`, as multiples of each network's learning rate: one per decade from
+#: the learning rate itself to 1000 times it. Santurkar et al. move along the gradient over a range
+#: of step sizes and report the spread of the loss and the largest change of the gradient. The
+#: steps here are plain gradient steps ``eta * g``, while Adam (the default rule) moves every
+#: weight by about the learning rate whatever its gradient: for the default nets (about 170,000
+#: parameters each) a training step has length about ``400 * learning_rate``, which ``eta * ||g||``
+#: reaches within this range for gradient norms of 0.4 and more. Measured on CIFAR-10 at
+#: initialisation, the loss of the default nets moves visibly only from about 10 times the rate.
+DEFAULT_FACTORS = (1.0, 10.0, 100.0, 1000.0)
 
 
 # --- normalisation: the one place that knows which layer follows each hidden affine layer -----
@@ -185,9 +187,9 @@ def _num(x) -> float | None:
 
 
 def _norm(a: np.ndarray) -> np.ndarray:
-    """Frobenius norm per network of a (K, ...) array -> (K,) float64."""
-    a64 = a.astype(np.float64).reshape(a.shape[0], -1)
-    return np.sqrt((a64 * a64).sum(axis=-1))
+    """Frobenius norm per network of a (K, ...) array -> (K,) float64 (float64 accumulation)."""
+    flat = a.reshape(a.shape[0], -1)
+    return np.sqrt(np.square(flat).sum(axis=-1, dtype=np.float64))
 
 
 def _sq_dist(grads: dict, other: dict, keys) -> np.ndarray:
@@ -212,9 +214,22 @@ def _width(spec: NetSpec, layer: int) -> int:
     return (*spec.hidden_dims, spec.num_classes)[layer - 1]
 
 
+def _quiet(fn):
+    """Run a probe with NumPy's overflow/invalid warnings off: a diverging network's inf and NaN
+    are expected there and end up as None in its records."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # --- the probes -------------------------------------------------------------------------------
 
 
+@_quiet
 def layer_stats(
     spec: NetSpec,
     params: dict,
@@ -256,7 +271,7 @@ def layer_stats(
         stats["grad_act_norm"] = _norm(dz[layer])
         if prev_params is not None:
             old = prev_params[f"W{layer}"]
-            stats["update_ratio"] = _norm(params[f"W{layer}"].astype(np.float64) - old) / _norm(old)
+            stats["update_ratio"] = _norm(params[f"W{layer}"] - old) / _norm(old)
         for net in range(k):
             record = {"net": net, "layer": layer}
             record.update({name: _num(v[net]) for name, v in stats.items()})
@@ -266,26 +281,37 @@ def layer_stats(
     return records
 
 
+def _percentiles(flat: np.ndarray) -> list[np.ndarray]:
+    """`PERCENTILES` of each row of flat (K, M) -> list of (K,) float64, NaN for a row with NaN.
+
+    Same values as ``np.percentile`` (linear interpolation between order statistics); a full sort
+    (SIMD in NumPy 2) is several times faster than percentile's partition on these sizes.
+    """
+    ordered = np.sort(flat, axis=-1)
+    has_nan = np.isnan(ordered[:, -1])  # the sort puts NaN last
+    out = []
+    for p in PERCENTILES:
+        pos = p / 100 * (flat.shape[-1] - 1)
+        lo, frac = int(pos), pos - int(pos)
+        hi = min(lo + 1, flat.shape[-1] - 1)
+        low = ordered[:, lo].astype(np.float64)
+        value = low + frac * (ordered[:, hi] - low)
+        out.append(np.where(has_nan, np.nan, value))
+    return out
+
+
 def _activation_stats(z: np.ndarray) -> dict:
     """Per network (K,) statistics of a pre-activation z (K, N, H) over its N*H values."""
-    flat = z.reshape(z.shape[0], -1).astype(np.float64)
-    pct = np.percentile(flat, PERCENTILES, axis=-1)  # (3, K)
-    stats = {f"act_p{p}": pct[i] for i, p in enumerate(PERCENTILES)}
-    stats["act_mean"] = flat.mean(axis=-1)
-    stats["act_std"] = flat.std(axis=-1)
+    flat = z.reshape(z.shape[0], -1)
+    stats = {f"act_p{p}": v for p, v in zip(PERCENTILES, _percentiles(flat), strict=True)}
+    stats["act_mean"] = flat.mean(axis=-1, dtype=np.float64)
+    stats["act_std"] = flat.std(axis=-1, dtype=np.float64)
     # A unit is dead on the batch when its ReLU outputs 0 (z <= 0) for every example; NaN is not.
     stats["dead_frac"] = (z <= 0).all(axis=-2).mean(axis=-1)
     return stats
 
 
-def _layer_keys(spec: NetSpec, layer: int) -> list[str]:
-    """The parameters of affine `layer` and of the normalisation after it."""
-    keys = [f"W{layer}", f"b{layer}"]
-    if layer < spec.num_layers and norm_kind(spec) != "none":
-        keys += [f"gamma{layer}", f"beta{layer}"]
-    return keys
-
-
+@_quiet
 def ics(
     spec: NetSpec, params: dict, new_params: dict, X: np.ndarray, y: np.ndarray, bn_eps: float
 ) -> list[dict]:
@@ -324,8 +350,7 @@ def ics(
         g_new = _backward(spec, dscores, tape, start=layer)[0][f"W{layer}"]
         g_new = g_new.astype(np.float64).reshape(k, -1)
         l2.append(np.sqrt(((g - g_new) ** 2).sum(axis=-1)))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cos.append((g * g_new).sum(axis=-1) / (_norm(g) * _norm(g_new)))
+        cos.append((g * g_new).sum(axis=-1) / (_norm(g) * _norm(g_new)))
     return [
         {"net": net, "layer": i + 1, "ics_l2": _num(l2[i][net]), "ics_cos": _num(cos[i][net])}
         for net in range(k)
@@ -333,6 +358,7 @@ def ics(
     ]
 
 
+@_quiet
 def landscape(
     spec: NetSpec,
     params: dict,
@@ -397,8 +423,7 @@ def _landscape_record(net, loss, grad_norm, etas, losses, diffs) -> dict:
     d = np.array([v[net] for v in diffs])
     finite = ls[np.isfinite(ls)]
     steps = e * grad_norm[net]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratios = d[steps > 0] / steps[steps > 0]
+    ratios = d[steps > 0] / steps[steps > 0]
     # Beta is None as soon as one ratio is not finite: a max over the finite ones would hide the
     # step that blew up.
     beta = ratios.max() if ratios.size and np.isfinite(ratios).all() else np.nan

@@ -279,3 +279,14 @@ def test_the_normalization_is_chosen_by_name_in_one_place():
     _, params, X, y = _setup(False)
     with pytest.raises(ValueError, match="unknown normalization 'layernorm'"):
         probes.layer_stats(spec, params, X, y, EPS)
+
+
+def test_percentiles_equal_numpy_percentile_and_keep_nan():
+    rng = np.random.default_rng(13)
+    for m in (1, 2, 7, 1000):
+        flat = rng.standard_normal((3, m)).astype(np.float32)
+        flat[2, 0] = np.nan
+        got = np.array(probes._percentiles(flat))
+        want = np.percentile(flat.astype(np.float64), probes.PERCENTILES, axis=-1)
+        np.testing.assert_allclose(got[:, :2], want[:, :2], rtol=1e-6)
+        assert np.isnan(got[:, 2]).all()
