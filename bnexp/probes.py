@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -175,6 +176,27 @@ def _gradients(spec: NetSpec, params: dict, batch: _Batch, a1: np.ndarray, y, ep
     loss, dscores, tape = _forward(spec, params, a1, y, eps)
     grads, dz, da1 = _backward(spec, dscores, tape)
     return loss, grads, dz, da1, tape
+
+
+@dataclass(frozen=True)
+class _Point:
+    """A stack evaluated on a batch: its parameters, A1 (K, N, H1), losses (K,), gradients."""
+
+    params: dict
+    batch: _Batch
+    a1: np.ndarray
+    loss: np.ndarray
+    grads: dict
+    da1: np.ndarray
+
+
+def _evaluate(spec: NetSpec, params: dict, X, y, eps: float, name: str) -> _Point:
+    """Check the layout, then the loss and gradients of every network on (X, y)."""
+    _check(spec, params, name)
+    batch = _Batch(X, params["W1"].dtype)
+    a1 = batch.first(params)
+    loss, grads, _, da1, _ = _gradients(spec, params, batch, a1, y, eps)
+    return _Point(params, batch, a1, loss, grads, da1)
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -334,10 +356,14 @@ def ics(
     One dict per (network, affine layer 1..L+1), network-major: ``net``, ``layer``, ``ics_l2`` =
     ||G - G'|| (Frobenius), ``ics_cos`` = <G, G'> / (||G|| ||G'||); None when not finite.
     """
-    k = _check(spec, params, "ics")
     _check(spec, new_params, "ics")
-    batch = _Batch(X, params["W1"].dtype)
-    _, grads, _, da1, _ = _gradients(spec, params, batch, batch.first(params), y, bn_eps)
+    return _ics(spec, _evaluate(spec, params, X, y, bn_eps, "ics"), new_params, y, bn_eps)
+
+
+def _ics(spec: NetSpec, point: _Point, new_params: dict, y, bn_eps: float) -> list[dict]:
+    """`ics` from the evaluation at the step-t parameters."""
+    params, batch, grads, da1 = point.params, point.batch, point.grads, point.da1
+    k = params["W1"].shape[0]
     # One pass with every layer updated gives each layer's input with the layers before it updated.
     _, _, new_tape = _forward(spec, new_params, batch.first(new_params), y, bn_eps)
     g1 = np.sqrt(batch.w1_sq_norm(da1))
@@ -391,12 +417,22 @@ def landscape(
     and ``grad_diffs`` (one per factor), ``loss_min``/``loss_max`` over the etas,
     ``beta_smoothness``. Non-finite numbers are None (also in the lists).
     """
-    k = _check(spec, params, "landscape")
-    dtype = params["W1"].dtype
+    point = _evaluate(spec, params, X, y, bn_eps, "landscape")
+    return _landscape(spec, point, y, bn_eps, learning_rate, factors)
+
+
+def _landscape(spec: NetSpec, point: _Point, y, bn_eps: float, learning_rate, factors):
+    """`landscape` from the evaluation at the step-t parameters."""
+    params, batch, a1, loss, grads, da1 = (
+        point.params,
+        point.batch,
+        point.a1,
+        point.loss,
+        point.grads,
+        point.da1,
+    )
+    k, dtype = params["W1"].shape[0], params["W1"].dtype
     lr = np.broadcast_to(np.asarray(learning_rate, dtype=np.float64), (k,))
-    batch = _Batch(X, dtype)
-    a1 = batch.first(params)
-    loss, grads, _, da1, _ = _gradients(spec, params, batch, a1, y, bn_eps)
     keys = list(grads)  # every parameter but W1 (that one goes through dA1)
     grad_norm = np.sqrt(_sq_dist(grads, dict.fromkeys(keys, 0.0), keys) + batch.w1_sq_norm(da1))
     a1_dir = batch.gram_times(da1) + grads["b1"][..., None, :]  # how A1 moves per unit of eta
@@ -414,6 +450,28 @@ def landscape(
         losses.append(loss_e.astype(np.float64))
         diffs.append(np.sqrt(diff_sq))
     return [_landscape_record(net, loss, grad_norm, etas, losses, diffs) for net in range(k)]
+
+
+@_quiet
+def minibatch_probes(
+    spec: NetSpec,
+    params: dict,
+    new_params: dict,
+    X: np.ndarray,
+    y: np.ndarray,
+    bn_eps: float,
+    learning_rate,
+    factors: Sequence[float] = DEFAULT_FACTORS,
+) -> tuple[list[dict], list[dict]]:
+    """`ics` and `landscape` of one step together: (ics records, landscape records).
+
+    The same records as the two calls, with the loss and gradients at the step-t parameters
+    computed once for both (the arguments are those of `ics` and `landscape`).
+    """
+    _check(spec, new_params, "minibatch_probes")
+    point = _evaluate(spec, params, X, y, bn_eps, "minibatch_probes")
+    ics_records = _ics(spec, point, new_params, y, bn_eps)
+    return ics_records, _landscape(spec, point, y, bn_eps, learning_rate, factors)
 
 
 def _landscape_record(net, loss, grad_norm, etas, losses, diffs) -> dict:

@@ -290,3 +290,13 @@ def test_percentiles_equal_numpy_percentile_and_keep_nan():
         want = np.percentile(flat.astype(np.float64), probes.PERCENTILES, axis=-1)
         np.testing.assert_allclose(got[:, :2], want[:, :2], rtol=1e-6)
         assert np.isnan(got[:, 2]).all()
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_minibatch_probes_equal_the_separate_calls(batchnorm):
+    spec, params, X, y = _setup(batchnorm, seed=14, dtype=np.float32)
+    new = {key: v * np.float32(0.98) for key, v in params.items()}
+    lr = np.array([1e-3, 2e-3, 3e-3])
+    ics_records, landscape_records = probes.minibatch_probes(spec, params, new, X, y, EPS, lr)
+    assert ics_records == probes.ics(spec, params, new, X, y, EPS)
+    assert landscape_records == probes.landscape(spec, params, X, y, EPS, lr)
