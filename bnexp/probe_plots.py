@@ -8,7 +8,8 @@ and iteration), each with the probe's fields, its ``iteration`` and the run's su
 
 - `gradient_flow_figure`: ``grad_w_norm`` per layer (log axis) at the first and the last probed
   iteration, one line per normalisation kind, one panel per weight scale (by default the
-  smallest, the one closest to the CS231n reference 2e-2 and the largest).
+  smallest, the one closest to the CS231n reference 2e-2 and the largest). An exactly zero norm
+  (every unit of a layer dead, or float32 underflow) is a triangle at the bottom edge.
 - `activation_figure`: the 15/50/85 percentile band of a deep layer's pre-activation against
   iteration, one panel per normalisation kind (Santurkar et al. 2018, Figure 1, here for ReLU
   nets).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 
 from bnexp.errors import OutputError
 from bnexp.plots import fmt_sci, save_figure
@@ -143,13 +145,17 @@ def gradient_flow_figure(layer_records: Sequence[dict], scales=None) -> Figure:
                     for r in recs
                     if r["iteration"] == iteration and "grad_w_norm" in r
                 )
+                label = f"{style['label']}{_title_suffix(recs)}, iteration {iteration}"
+                _zero_marks(ax, [layer for layer, value in rows if value == 0], marker, style)
+                if any(value == 0 for _, value in rows):
+                    label += " (▼: zero)"
                 ax.plot(
                     [layer for layer, _ in rows],
                     [value for _, value in rows],
                     linestyle=linestyle,
                     marker=marker,
                     color=style["color"],
-                    label=f"{style['label']}{_title_suffix(recs)}, iteration {iteration}",
+                    label=label,
                 )
         ax.set_yscale("log")
         ax.set(title=f"weight scale {fmt_sci(scale)}", xlabel="hidden layer")
@@ -230,6 +236,22 @@ def ics_smoothness_figure(
     scale_text = "" if scale is None else f" (weight scale {fmt_sci(scale)})"
     fig.suptitle(f"Internal covariate shift and loss smoothness over training{scale_text}")
     return fig
+
+
+def _zero_marks(ax, xs: list, marker: str, style: dict) -> None:
+    """Mark x positions whose value is exactly 0 (no place on a log axis) at the panel's bottom."""
+    if xs:
+        ax.plot(
+            xs,
+            [0.03] * len(xs),
+            transform=blended_transform_factory(ax.transData, ax.transAxes),
+            marker="v",
+            markersize=7,
+            linestyle="none",
+            color=style["color"],
+            clip_on=False,
+            label="_nolegend_",
+        )
 
 
 def _lab(style: dict) -> dict:

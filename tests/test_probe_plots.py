@@ -188,3 +188,19 @@ def test_normalization_name_wins_over_the_batchnorm_flag():
         "noisy_batchnorm"
     )
     assert probe_plots.norm_kind({"batchnorm": False}) == "none"
+
+
+def test_zero_gradient_norms_are_marked_at_the_bottom_edge(stored):
+    _, layer_recs, _ = stored
+    last = ITERATIONS - 1
+    zeroed = [
+        dict(r, grad_w_norm=0.0)
+        if r["run_id"] == "base1" and r["iteration"] == last and r.get("layer") in (2, 3)
+        else r
+        for r in layer_recs
+    ]
+    ax = probe_plots.gradient_flow_figure(zeroed).axes[1]
+    _line(ax, f"baseline, iteration {last} (▼: zero)")
+    marks = [line for line in ax.get_lines() if line.get_marker() == "v"]
+    assert len(marks) == 1
+    np.testing.assert_array_equal(marks[0].get_xdata(), [2, 3])
