@@ -34,6 +34,8 @@ Normalization Help Optimization?"):
 - `ics`: internal covariate shift, the paper's Definition 2.1.
 - `landscape`: the loss and the gradient along the gradient direction (the paper's Section 3.1,
   Figure 4: loss landscape, gradient predictiveness, effective beta-smoothness).
+- `minibatch_probes`: `ics` and `landscape` of the same step with their common gradient pass done
+  once (what a training loop with both probes on should call).
 """
 
 from __future__ import annotations
@@ -423,18 +425,11 @@ def landscape(
 
 def _landscape(spec: NetSpec, point: _Point, y, bn_eps: float, learning_rate, factors):
     """`landscape` from the evaluation at the step-t parameters."""
-    params, batch, a1, loss, grads, da1 = (
-        point.params,
-        point.batch,
-        point.a1,
-        point.loss,
-        point.grads,
-        point.da1,
-    )
+    params, batch, grads, da1 = point.params, point.batch, point.grads, point.da1
     k, dtype = params["W1"].shape[0], params["W1"].dtype
     lr = np.broadcast_to(np.asarray(learning_rate, dtype=np.float64), (k,))
     keys = list(grads)  # every parameter but W1 (that one goes through dA1)
-    grad_norm = np.sqrt(_sq_dist(grads, dict.fromkeys(keys, 0.0), keys) + batch.w1_sq_norm(da1))
+    grad_norm = np.sqrt(sum(_norm(g) ** 2 for g in grads.values()) + batch.w1_sq_norm(da1))
     a1_dir = batch.gram_times(da1) + grads["b1"][..., None, :]  # how A1 moves per unit of eta
     etas, losses, diffs = [], [], []
     for factor in factors:
@@ -443,13 +438,13 @@ def _landscape(spec: NetSpec, point: _Point, y, bn_eps: float, learning_rate, fa
             key: params[key] - eta.astype(dtype).reshape(-1, *[1] * (g.ndim - 1)) * g
             for key, g in grads.items()
         }
-        moved_a1 = (a1 - eta[:, None, None] * a1_dir).astype(dtype)
+        moved_a1 = (point.a1 - eta[:, None, None] * a1_dir).astype(dtype)
         loss_e, grads_e, _, da1_e, _ = _gradients(spec, moved, batch, moved_a1, y, bn_eps)
         diff_sq = _sq_dist(grads, grads_e, keys) + batch.w1_sq_norm(da1.astype(np.float64) - da1_e)
         etas.append(eta)
         losses.append(loss_e.astype(np.float64))
         diffs.append(np.sqrt(diff_sq))
-    return [_landscape_record(net, loss, grad_norm, etas, losses, diffs) for net in range(k)]
+    return [_landscape_record(net, point.loss, grad_norm, etas, losses, diffs) for net in range(k)]
 
 
 @_quiet
