@@ -17,6 +17,9 @@ and iteration), each with the probe's fields, its ``iteration`` and the run's su
   and the effective beta-smoothness against iteration, one line per normalisation kind.
 - `save_probe_figures`: the three figures into a folder, as PNG and SVG.
 
+Each line is one run: with several runs of one normalisation kind and weight scale (seeds,
+learning rates) the first one in the records is drawn.
+
 Built on `matplotlib.figure.Figure` (Agg canvas, no pyplot), like `bnexp.plots`.
 """
 
