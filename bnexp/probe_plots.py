@@ -1,0 +1,285 @@
+"""Figures of the probes inside the networks (`bnexp.probes`), drawn from their records only.
+
+The records are the dicts of ``runs/<run_id>/layers.jsonl`` (one per run, iteration and hidden
+layer; may also carry ``ics_l2``/``ics_cos``) and ``runs/<run_id>/landscape.jsonl`` (one per run
+and iteration), each with the probe's fields, its ``iteration`` and the run's summary fields
+(``batchnorm`` or ``normalization``, ``weight_scale``, optionally ``run_id``, ``diverged``). A null
+(None) value is a number that was not finite; it is left out of the lines, never drawn as zero.
+
+- `gradient_flow_figure`: ``grad_w_norm`` per layer (log axis) at the first and the last probed
+  iteration, one line per normalisation kind, one panel per weight scale (by default the
+  smallest, the one closest to the CS231n reference 2e-2 and the largest). An exactly zero norm
+  (every unit of a layer dead, or float32 underflow) is a triangle at the bottom edge.
+- `activation_figure`: the 15/50/85 percentile band of a deep layer's pre-activation against
+  iteration, one panel per normalisation kind (Santurkar et al. 2018, Figure 1, here for ReLU
+  nets).
+- `ics_smoothness_figure`: ``ics_l2``, ``ics_cos`` of a layer, the loss range along the gradient
+  and the effective beta-smoothness against iteration, one line per normalisation kind.
+- `save_probe_figures`: the three figures into a folder, as PNG and SVG.
+
+Each line is one run: with several runs of one normalisation kind and weight scale (seeds,
+learning rates) the first one in the records is drawn.
+
+Built on `matplotlib.figure.Figure` (Agg canvas, no pyplot), like `bnexp.plots`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
+
+from bnexp.errors import OutputError
+from bnexp.plots import fmt_sci, save_figure
+
+#: The weight scale of the CS231n deep-network experiment; the middle panel of a sweep.
+REFERENCE_SCALE = 2e-2
+#: Colours per normalisation kind (batch norm and baseline as in `bnexp.plots`).
+KIND_COLORS = {"batchnorm": "C0", "none": "C1", "noisy_batchnorm": "C2"}
+KIND_LABELS = {"batchnorm": "batch norm", "none": "baseline", "noisy_batchnorm": "noisy batch norm"}
+
+
+# --- selecting records ------------------------------------------------------------------------
+
+
+def norm_kind(record: dict) -> str:
+    """Normalisation kind of a record's run: its ``normalization``, else from ``batchnorm``."""
+    name = record.get("normalization")
+    if name is not None:
+        return str(name)
+    return "batchnorm" if record.get("batchnorm") else "none"
+
+
+def _kind_style(kind: str) -> dict:
+    """Colour and legend label of a normalisation kind."""
+    return {"color": KIND_COLORS.get(kind, "C3"), "label": KIND_LABELS.get(kind, kind)}
+
+
+def _run_key(record: dict):
+    """Identifies a run among records of several runs."""
+    if record.get("run_id") is not None:
+        return record["run_id"]
+    return (norm_kind(record), record.get("weight_scale"), record.get("learning_rate"))
+
+
+def _num(value) -> float:
+    """A record number as float, None as NaN."""
+    return np.nan if value is None else float(value)
+
+
+def pick_scales(scales: Sequence[float], reference: float = REFERENCE_SCALE) -> list[float]:
+    """The smallest, the one closest to `reference` (on a log axis) and the largest scale."""
+    values = sorted({float(s) for s in scales if s is not None and s > 0})
+    if len(values) <= 3:
+        return values
+    middle = min(values, key=lambda s: abs(math.log(s / reference)))
+    return sorted({values[0], middle, values[-1]})
+
+
+def _closest_scale(records: Sequence[dict], scale: float | None) -> float | None:
+    """The records' weight scale closest to `scale` (default the reference) on a log axis."""
+    values = {float(r["weight_scale"]) for r in records if r.get("weight_scale")}
+    if not values:
+        return None
+    target = REFERENCE_SCALE if scale is None else scale
+    return min(values, key=lambda s: abs(math.log(s / target)))
+
+
+def _runs_by_kind(records: Sequence[dict], scale: float | None) -> dict[str, list[dict]]:
+    """Records of one run per normalisation kind (the first run of each at that scale)."""
+    chosen: dict[str, object] = {}
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if (
+            scale is not None
+            and r.get("weight_scale")
+            and not math.isclose(float(r["weight_scale"]), scale)
+        ):
+            continue
+        kind = norm_kind(r)
+        key = chosen.setdefault(kind, _run_key(r))
+        if _run_key(r) == key:
+            out[kind].append(r)
+    return dict(out)
+
+
+def _series(records: Sequence[dict], field: str, layer: int | None = None):
+    """(iterations, values) of a field over iterations, sorted; NaN where the value is null."""
+    rows = sorted(
+        (r["iteration"], _num(r.get(field)))
+        for r in records
+        if field in r and (layer is None or r.get("layer") == layer)
+    )
+    return np.array([i for i, _ in rows], dtype=float), np.array([v for _, v in rows])
+
+
+def _title_suffix(records: Sequence[dict]) -> str:
+    return " (diverged)" if any(r.get("diverged") for r in records) else ""
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def gradient_flow_figure(layer_records: Sequence[dict], scales=None) -> Figure:
+    """grad_w_norm per hidden layer at the first and last probed iteration, per weight scale.
+
+    layer_records: layer records of one or more runs. scales: the panels' weight scales
+    (default `pick_scales` of the records'); runs are matched to a panel by exact scale.
+    """
+    if scales is None:
+        scales = pick_scales([r.get("weight_scale") for r in layer_records])
+    fig = Figure(figsize=(4.2 * max(len(scales), 1), 4.2), layout="constrained")
+    axes = fig.subplots(1, max(len(scales), 1), sharey=True, squeeze=False)[0]
+    for ax, scale in zip(axes, scales, strict=False):
+        for kind, recs in sorted(_runs_by_kind(layer_records, scale).items()):
+            style = _kind_style(kind)
+            iterations = sorted({r["iteration"] for r in recs if "grad_w_norm" in r})
+            ends = [(iterations[0], "--", "o")] if iterations else []
+            if len(iterations) > 1:
+                ends.append((iterations[-1], "-", "s"))
+            for iteration, linestyle, marker in ends:
+                rows = sorted(
+                    (r["layer"], _num(r["grad_w_norm"]))
+                    for r in recs
+                    if r["iteration"] == iteration and "grad_w_norm" in r
+                )
+                label = f"{style['label']}{_title_suffix(recs)}, iteration {iteration}"
+                _zero_marks(ax, [layer for layer, value in rows if value == 0], marker, style)
+                if any(value == 0 for _, value in rows):
+                    label += " (▼: zero)"
+                ax.plot(
+                    [layer for layer, _ in rows],
+                    [value for _, value in rows],
+                    linestyle=linestyle,
+                    marker=marker,
+                    color=style["color"],
+                    label=label,
+                )
+        ax.set_yscale("log")
+        ax.set(title=f"weight scale {fmt_sci(scale)}", xlabel="hidden layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("gradient norm ||dL/dW|| (probe batch)")
+    fig.suptitle("Gradient flow: weight-gradient norm per layer, start and end of training")
+    return fig
+
+
+def activation_figure(layer_records: Sequence[dict], layer=None, scale=None) -> Figure:
+    """15/50/85 percentile band of one hidden layer's pre-activation against iteration.
+
+    layer: hidden layer to show (default the deepest in the records). scale: weight scale (default
+    the records' scale closest to the reference 2e-2). One panel per normalisation kind, since the
+    ranges differ by orders of magnitude without normalisation.
+    """
+    recs_with = [r for r in layer_records if "act_p50" in r]
+    if layer is None:
+        layer = max((r["layer"] for r in recs_with), default=1)
+    scale = _closest_scale(recs_with, scale)
+    runs = sorted(_runs_by_kind(recs_with, scale).items())
+    fig = Figure(figsize=(4.6 * max(len(runs), 1), 4.0), layout="constrained")
+    axes = fig.subplots(1, max(len(runs), 1), squeeze=False)[0]
+    for ax, (kind, recs) in zip(axes, runs, strict=False):
+        style = _kind_style(kind)
+        rows = sorted(
+            (r["iteration"], _num(r["act_p15"]), _num(r["act_p50"]), _num(r["act_p85"]))
+            for r in recs
+            if r["layer"] == layer
+        )
+        iterations, p15, p50, p85 = np.array(rows, dtype=float).reshape(-1, 4).T
+        ax.fill_between(iterations, p15, p85, color=style["color"], alpha=0.3, label="15-85%")
+        ax.plot(iterations, p50, color=style["color"], label="median")
+        ax.set(title=style["label"] + _title_suffix(recs), xlabel="iteration")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"pre-activation of hidden layer {layer}")
+    scale_text = "" if scale is None else f", weight scale {fmt_sci(scale)}"
+    fig.suptitle(f"Activation distribution over training (layer {layer}{scale_text})")
+    return fig
+
+
+def ics_smoothness_figure(
+    layer_records: Sequence[dict], landscape_records: Sequence[dict], layer=None, scale=None
+) -> Figure:
+    """ics_l2, ics_cos (one layer), loss range along the gradient and beta-smoothness vs iteration.
+
+    layer_records: records carrying ``ics_l2``/``ics_cos``; layer: which (default the deepest
+    one recorded). scale: weight scale (default closest to the reference). One line (or band)
+    per normalisation kind.
+    """
+    ics_recs = [r for r in layer_records if "ics_l2" in r]
+    if layer is None:
+        layer = max((r["layer"] for r in ics_recs), default=1)
+    scale = _closest_scale([*ics_recs, *landscape_records], scale)
+    fig = Figure(figsize=(10, 7.5), layout="constrained")
+    (ax_l2, ax_cos), (ax_loss, ax_beta) = fig.subplots(2, 2, sharex=True)
+    for kind, recs in sorted(_runs_by_kind(ics_recs, scale).items()):
+        style = _kind_style(kind)
+        ax_l2.plot(*_series(recs, "ics_l2", layer), marker=".", **style)
+        ax_cos.plot(*_series(recs, "ics_cos", layer), marker=".", **style)
+    for kind, recs in sorted(_runs_by_kind(landscape_records, scale).items()):
+        style = _kind_style(kind)
+        iterations, low = _series(recs, "loss_min")
+        _, high = _series(recs, "loss_max")
+        ax_loss.fill_between(iterations, low, high, color=style["color"], alpha=0.35, **_lab(style))
+        ax_beta.plot(*_series(recs, "beta_smoothness"), marker=".", **style)
+    ax_l2.set(title=f"ICS of layer {layer}: ||G - G'||", yscale="log")
+    ax_cos.set(title=f"ICS of layer {layer}: cos(G, G')", ylim=(-1.05, 1.05))
+    ax_loss.set(title="loss range along the gradient", xlabel="iteration", yscale="log")
+    ax_beta.set(title="effective beta-smoothness", xlabel="iteration", yscale="log")
+    for ax in (ax_l2, ax_cos, ax_loss, ax_beta):
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    scale_text = "" if scale is None else f" (weight scale {fmt_sci(scale)})"
+    fig.suptitle(f"Internal covariate shift and loss smoothness over training{scale_text}")
+    return fig
+
+
+def _zero_marks(ax, xs: list, marker: str, style: dict) -> None:
+    """Mark x positions whose value is exactly 0 (no place on a log axis) at the panel's bottom."""
+    if xs:
+        ax.plot(
+            xs,
+            [0.03] * len(xs),
+            transform=blended_transform_factory(ax.transData, ax.transAxes),
+            marker="v",
+            markersize=7,
+            linestyle="none",
+            color=style["color"],
+            clip_on=False,
+            label="_nolegend_",
+        )
+
+
+def _lab(style: dict) -> dict:
+    """Only the label of a style (fill_between takes its colour separately)."""
+    return {"label": style["label"]}
+
+
+def save_probe_figures(
+    folder: str | Path, layer_records: Sequence[dict], landscape_records: Sequence[dict]
+) -> list[Path]:
+    """Draw the probe figures whose records exist into folder (PNG and SVG); returns the paths.
+
+    Raises OutputError when the folder cannot be created or written.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create ({exc.strerror or exc}); check OUT") from None
+    paths: list[Path] = []
+    if any("grad_w_norm" in r for r in layer_records):
+        paths += save_figure(gradient_flow_figure(layer_records), folder, "probe_gradient_flow")
+    if any("act_p50" in r for r in layer_records):
+        paths += save_figure(activation_figure(layer_records), folder, "probe_activations")
+    if any("ics_l2" in r for r in layer_records) or landscape_records:
+        fig = ics_smoothness_figure(layer_records, landscape_records)
+        paths += save_figure(fig, folder, "probe_ics_smoothness")
+    return paths
