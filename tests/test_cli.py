@@ -198,3 +198,28 @@ def test_second_process_on_one_out_stops_with_one_line_naming_the_holder(tmp_pat
     result = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL)
     assert result.exit_code == 0, result.output
     assert not (out / records.LOCK_NAME).exists()
+
+
+# Eight more levels of nine aliases each over the file's 9-item list `a`: ~430 million values.
+LAUGHS = "".join(
+    f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (LAUGHS, ["evil.yaml", "aliases"]),
+        ("train:\n  ? [epochs]\n  : 3\n", ["evil.yaml", "a key must be a name"]),
+        ("model: " + "[" * 5000 + "\n", ["evil.yaml", "nested more than"]),
+    ],
+)
+def test_hostile_yaml_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_data, text, words):
+    path = tmp_path / "evil.yaml"
+    path.write_text("a: &a [" + ",".join(["lol"] * 9) + "]\n" + text)
+    out = tmp_path / "out"
+    result = invoke("sweep-init", "-c", path, "-o", out, "--data-dir", fake_data)
+    assert_one_error_line(result, 2, *words)
+    assert len(result.output) < 300 and "lol" not in result.output
+    assert not out.exists()
