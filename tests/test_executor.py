@@ -137,7 +137,7 @@ def test_progress_moves_while_workers_train(monkeypatch):
 def test_an_error_in_a_worker_is_raised_in_the_parent_and_workers_stop(tmp_path):
     pidfile = tmp_path / "slow.pid"
     jobs = [
-        FakeJob((0,), fail=True),
+        FakeJob((0,), iterations=10, delay=0.05, fail=True),
         FakeJob((1,), iterations=600, delay=0.05, pidfile=str(pidfile)),
     ]
     with pytest.raises(ValueError, match=r"job \(0,\) failed"):
