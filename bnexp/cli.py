@@ -135,7 +135,8 @@ def _experiment_options(command):
             # reported by bnexp.records like every other unusable OUT.
             type=click.Path(),
             default=None,
-            help="Output folder [default: results/<config name>/].",
+            help="Output folder [default: results/<config name>/]. One bnexp process at a "
+            "time: a second one on the same folder stops (exit 4).",
         ),
         _data_dir_option,
         click.option(

@@ -1,4 +1,8 @@
-"""Domain errors. The CLI turns each into one line on stderr and the class's exit code."""
+"""Domain errors. The CLI turns each into one line on stderr and the class's exit code.
+
+Exit codes: 1 other, 2 config, 3 data, 4 output; 130 Ctrl-C (SIGINT), 143 SIGTERM (both keep
+finished runs and mark the manifest "interrupted").
+"""
 
 
 class BnexpError(Exception):

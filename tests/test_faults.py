@@ -164,12 +164,13 @@ def interrupt(env, out: Path, jobs: int, signum: int, delay: float) -> str:
     check_records_valid(out)
     if signum != signal.SIGKILL:
         assert not temporaries(out), f"{what}: {temporaries(out)}"
-        assert not (out / records.LOCK_NAME).exists(), what
+        assert not (out / records.LOCK_NAME).exists(), f"{what}: lock file left"
     if process.returncode == EXIT_CODES[signum] and signum != signal.SIGKILL:
         # Unless the signal came before this invocation wrote its manifest (while loading data).
         if manifest.exists() and manifest.read_bytes() != before:
-            assert json.loads(manifest.read_text())["status"] == "interrupted", what
-        assert "interrupted: finished runs are kept" in err, what
+            status = json.loads(manifest.read_text())["status"]
+            assert status == "interrupted", f"{what}: manifest status {status}"
+        assert "interrupted: finished runs are kept" in err, f"{what}\n{err}"
     return what
 
 
