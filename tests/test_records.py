@@ -383,3 +383,28 @@ def test_git_dirty_describes_the_code_not_the_results(tmp_path):
         _git(repo, "checkout", "--", name)
     (repo / "bnexp" / "new.py").write_text("x = 1\n")  # new code not yet committed
     assert records._git_info(package)["dirty"] is True
+
+
+def test_output_lock_without_flock_uses_the_pid_in_the_file(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "no locks on this file system")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = tmp_path / records.LOCK_NAME
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "x"}))
+    with pytest.raises(OutputError, match="in use by"), records.output_lock(tmp_path):
+        pass  # a live pid on this host holds it
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere", "since": "x"}))
+    with pytest.raises(OutputError, match="on host elsewhere"), records.output_lock(tmp_path):
+        pass  # another host's pid cannot be checked: not taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "x"})
+    )
+    with records.output_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
