@@ -144,6 +144,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, _json_text(obj) + "\n")
 
 
+def _refuse_file_in_the_way(out: Path) -> None:
+    """OutputError when OUT, or the nearest of its parents that exists, is not a folder."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(
+            f"{out}: cannot create the output folder (a file is in the way); choose another -o"
+        )
+
+
 def check_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> Path:
     """Refuse an unusable OUT before anything is written (or any data read); writes nothing.
 
@@ -153,11 +162,7 @@ def check_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> 
         different config and `force` is not set.
     """
     out = Path(out)
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise OutputError(
-            f"{out}: cannot create the output folder (a file is in the way); choose another -o"
-        )
+    _refuse_file_in_the_way(out)
     config_path = out / "config.yaml"
     if config_path.exists():
         try:
@@ -327,7 +332,7 @@ def output_lock(out: str | Path) -> Iterator[Path]:
         created (a file is in the way, no permission).
     """
     out = Path(out)
-    check_output_dir(out, "", force=True)  # a file in the way: one line, exit 4
+    _refuse_file_in_the_way(out)
     created = _make_folders(out)
     path = out / LOCK_NAME
     try:
