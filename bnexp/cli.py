@@ -5,32 +5,59 @@ Progress and logs go to stderr, results to files (and a summary table on stdout)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
 
 import click
 
 from bnexp import __version__
 from bnexp import download as download_limits  # light: its network modules load on use
-from bnexp.errors import BnexpError
+from bnexp.errors import BnexpError, Terminated
+
+#: Exit codes of an interrupted command: 128 + the signal number, as a shell reports it.
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM (timeout, Slurm, docker stop) into `Terminated`, a KeyboardInterrupt, so it
+    shuts down like Ctrl-C: workers stopped, finished runs kept, manifest 'interrupted'."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (e.g. an embedding application): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def reports_errors(command):
-    """Run a command body; a BnexpError becomes `error: ...` on stderr and its exit code."""
+    """Run a command body; a BnexpError becomes `error: ...` on stderr and its exit code, Ctrl-C
+    exit 130 and SIGTERM exit 143 (finished runs kept)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except BnexpError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo(
                 "interrupted: finished runs are kept; run the same command to resume", err=True
             )
-            sys.exit(130)
+            sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
 
     return wrapper
 
@@ -132,9 +159,12 @@ def _experiment_options(command):
         click.option(
             "-o",
             "--out",
-            type=click.Path(file_okay=False),
+            # Not click.Path(file_okay=False): a file in the way is an output error (exit 4),
+            # reported by bnexp.records like every other unusable OUT.
+            type=click.Path(),
             default=None,
-            help="Output folder [default: results/<config name>/].",
+            help="Output folder [default: results/<config name>/]. One bnexp process at a "
+            "time: a second one on the same folder stops (exit 4).",
         ),
         _data_dir_option,
         click.option(
@@ -160,6 +190,7 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
     """Load the config, run the experiment, print the summary table and where things are."""
     from pathlib import Path
 
+    from bnexp import records
     from bnexp.config import load_config, load_default_config
     from bnexp.report import summary_table
     from bnexp.sweep import run_experiment
@@ -171,15 +202,17 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
     out = Path(out) if out is not None else Path("results") / cfg.name
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    result = run_experiment(
-        cfg,
-        out,
-        data_dir=data_dir,
-        jobs=jobs,
-        force=force,
-        plot=not no_plot,
-        log=lambda message: click.echo(message, err=True),
-    )
+    # One process per OUT: a second one stops with one line naming the holder (exit 4).
+    with records.output_lock(out):
+        result = run_experiment(
+            cfg,
+            out,
+            data_dir=data_dir,
+            jobs=jobs,
+            force=force,
+            plot=not no_plot,
+            log=lambda message: click.echo(message, err=True),
+        )
     click.echo(summary_table(result.summaries))
     click.echo(
         f"\n{result.trained} runs trained, {result.skipped} already finished; "
@@ -214,7 +247,7 @@ def sweep_init(config_path, out, data_dir, jobs, force, no_plot, overrides):
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
 @reports_errors
 def plot(out):
     """(Re)draw the figures of a finished or partial result folder OUT (never retrains)."""

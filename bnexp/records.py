@@ -7,6 +7,7 @@ Layout of an output folder OUT::
     OUT/results.csv          one row per finished run
     OUT/runs/<run_id>/       config.yaml, metrics.jsonl (one line per accuracy check), summary.json
     OUT/plots/               PNG and SVG figures
+    OUT/.bnexp.lock          while a process writes into OUT: its pid and host (`output_lock`)
 
 Every file is written to a temporary file in the same folder and moved into place with
 `os.replace`, so a reader (or a Ctrl-C) never sees half a file. A run's ``summary.json`` is written
@@ -23,17 +24,21 @@ finite), diverged, diverged_iteration, status ("ok" | "diverged"), seconds.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
+import errno
 import io
 import json
 import math
 import os
 import platform
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +88,23 @@ def _json_text(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode open() would give path: its current mode if it exists, else 0o666 minus umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(
     path: str | Path, write: Callable[[Path], None], fix: str = "choose a writable output folder"
 ) -> None:
     """Create path atomically: `write(tmp)` fills a temporary file in the same folder, which then
-    replaces path (os.replace), so a reader or a Ctrl-C never sees half a file.
+    replaces path (os.replace), so a reader or a Ctrl-C never sees half a file. The file gets the
+    mode open() would give it (mkstemp alone makes it 0600, unreadable to a lab's group).
 
     Raises OutputError naming the file, with `fix` as the advice, when it cannot be written.
     """
@@ -95,8 +112,11 @@ def atomic_write(
     tmp = None
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
         tmp = Path(name)
+        try:
+            os.fchmod(fd, _new_file_mode(path))
+        finally:
+            os.close(fd)
         write(tmp)
         os.replace(tmp, path)
         tmp = None
@@ -124,6 +144,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, _json_text(obj) + "\n")
 
 
+def _refuse_file_in_the_way(out: Path) -> None:
+    """OutputError when OUT, or the nearest of its parents that exists, is not a folder."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(
+            f"{out}: cannot create the output folder (a file is in the way); choose another -o"
+        )
+
+
 def check_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> Path:
     """Refuse an unusable OUT before anything is written (or any data read); writes nothing.
 
@@ -133,11 +162,7 @@ def check_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> 
         different config and `force` is not set.
     """
     out = Path(out)
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise OutputError(
-            f"{out}: cannot create the output folder (a file is in the way); choose another -o"
-        )
+    _refuse_file_in_the_way(out)
     config_path = out / "config.yaml"
     if config_path.exists():
         try:
@@ -183,7 +208,162 @@ def prepare_output_dir(out: str | Path, config_yaml: str, force: bool = False) -
         ) from None
     # Written even when unchanged: this is also the check that OUT is writable.
     atomic_write_text(out / "config.yaml", config_yaml)
+    clean_stale_temporaries(out)
     return out
+
+
+def _is_stale_temporary(path: Path) -> bool:
+    """A temporary of `atomic_write` (`.<name>.<random>.tmp`)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def clean_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove the temporaries a killed process left in OUT, OUT/plots and OUT/runs/*.
+
+    Call it only while holding `output_lock(out)`: another live process's temporaries look the
+    same. Returns the removed paths (files that vanish meanwhile are skipped).
+    """
+    out = Path(out)
+    folders = [out, out / "plots"]
+    if (out / "runs").is_dir():
+        folders += sorted(p for p in (out / "runs").iterdir() if p.is_dir())
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if _is_stale_temporary(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+LOCK_NAME = ".bnexp.lock"
+
+
+def _lock_holder(path: Path) -> str:
+    """'pid P on host H since T' from a lock file, or a fallback when it cannot be read."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {info['pid']} on host {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (on this host)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_is_stale(path: Path) -> bool:
+    """A lock file whose holder is a dead pid on this host (used where flock is unsupported)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return info["host"] == socket.gethostname() and not _pid_alive(int(info["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _try_lock(path: Path) -> int | None:
+    """Open and exclusively flock OUT/.bnexp.lock; the fd, or None when another process holds it.
+
+    flock is released by the kernel when its holder dies, so the lock of a killed process (a
+    stale lock) is taken over without any guessing. Where flock is unsupported, a lock file of a
+    dead pid on this host counts as stale.
+    """
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            if not _lock_is_stale(path) and path.stat().st_size > 0:
+                return None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            return fd
+        # The holder before us may have removed the file between our open and our flock: then
+        # we hold a lock on a deleted file, and must lock the one now at the path instead.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _make_folders(out: Path) -> list[Path]:
+    """Create OUT with its parents; the folders created, innermost first."""
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(
+            f"{out}: cannot create the output folder (a file is in the way); choose another -o"
+        ) from None
+    except OSError as exc:
+        raise OutputError(
+            f"{out}: cannot create the output folder ({exc.strerror or exc}); "
+            "choose a writable -o folder"
+        ) from None
+    return created
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold OUT/.bnexp.lock (holder's pid, host and start time inside) while writing into OUT.
+
+    OUT is created if missing, and removed again on exit if it is still empty (a data error
+    then leaves nothing behind). The lock of a process that died is taken over.
+
+    Raises
+    ------
+    OutputError : another live process holds the lock (the message names it), or OUT cannot be
+        created (a file is in the way, no permission).
+    """
+    out = Path(out)
+    _refuse_file_in_the_way(out)
+    created = _make_folders(out)
+    path = out / LOCK_NAME
+    try:
+        fd = _try_lock(path)
+    except OSError as exc:
+        _remove_empty(created)
+        raise OutputError(f"{path}: cannot create the lock file ({exc.strerror or exc})") from None
+    if fd is None:
+        raise OutputError(
+            f"{out} is in use by {_lock_holder(path)}; wait for it to finish or use another -o "
+            f"(delete {path} only if no bnexp process is running)"
+        )
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        yield out
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # before unlocking: a waiter that locks this inode re-checks the path
+        os.close(fd)
+        _remove_empty(created)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders (innermost first) that are empty; keep the others."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def run_dir(out: str | Path, run_id: str) -> Path:
@@ -378,13 +558,39 @@ def write_results_csv(out: str | Path, summaries: Sequence[dict]) -> Path:
     return path
 
 
-def read_manifest(out: str | Path) -> dict | None:
-    """OUT/manifest.json as a dict, or None when missing or unreadable."""
+def read_manifest(out: str | Path, note: Callable[[str], None] | None = None) -> dict | None:
+    """OUT/manifest.json as a dict, or None when missing, unreadable or malformed.
+
+    A manifest still at status "running" was left by a process that was killed (call this while
+    holding `output_lock`, so no live process is writing it): it reads as "interrupted", with
+    `status_note` saying so. A manifest whose `previous` is not a list of objects reads as
+    absent. Both are reported through `note` (one line each) when given.
+    """
+    path = Path(out) / "manifest.json"
     try:
-        manifest = json.loads((Path(out) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
-    return manifest if isinstance(manifest, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        _note(note, f"{path}: unreadable ({exc}); its provenance is not kept")
+        return None
+    if not isinstance(manifest, dict):
+        _note(note, f"{path}: not a JSON object; its provenance is not kept")
+        return None
+    previous = manifest.get("previous", [])
+    if not (isinstance(previous, list) and all(isinstance(p, dict) for p in previous)):
+        _note(note, f"{path}: 'previous' is not a list of objects; its provenance is not kept")
+        return None
+    if manifest.get("status") == "running":
+        manifest["status"] = "interrupted"
+        manifest["status_note"] = "read as 'running': the process was killed before it finished"
+        _note(note, f"{path}: the last invocation was killed; its finished runs are kept")
+    return manifest
+
+
+def _note(note: Callable[[str], None] | None, message: str) -> None:
+    if note is not None:
+        note(f"note: {message}")
 
 
 def write_manifest(out: str | Path, manifest: dict) -> Path:
@@ -392,6 +598,10 @@ def write_manifest(out: str | Path, manifest: dict) -> Path:
     path = Path(out) / "manifest.json"
     atomic_write_json(path, manifest)
     return path
+
+
+#: What git_dirty describes, from the work tree's top (`:/`): the code, not results/.
+_CODE_PATHS = (":/bnexp", ":/configs", ":/pyproject.toml")
 
 
 def _git_info(folder: Path) -> dict | None:
@@ -406,8 +616,9 @@ def _git_info(folder: Path) -> dict | None:
         )
         if commit.returncode != 0:
             return None
+        # Dirty means the code changed (the package, configs, pyproject), not the result files.
         status = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(folder), "status", "--porcelain", "--", *_CODE_PATHS],
             capture_output=True,
             text=True,
             timeout=10,

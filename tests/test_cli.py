@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from fakecifar import make_learnable_images, write_binary
 
-from bnexp import download, sweep
+from bnexp import download, records, sweep
 from bnexp.cli import main
 
 SMALL = [
@@ -181,3 +182,48 @@ def test_different_config_is_refused_before_the_data_is_read(tmp_path, fake_data
     assert_one_error_line(other, 4, "different config")
     assert (out / "manifest.json").read_bytes() == before
     assert not missing.exists()
+
+
+def test_out_that_is_a_regular_file_is_one_line_exit_4(tmp_path, fake_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = invoke("train", "-o", blocker, "--data-dir", fake_data, *SMALL)
+    assert_one_error_line(result, 4, "a_file", "a file is in the way")
+    assert_one_error_line(invoke("plot", blocker), 4, "a_file")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_second_process_on_one_out_stops_with_one_line_naming_the_holder(tmp_path, fake_data):
+    out = tmp_path / "out"
+    with records.output_lock(out):  # as another bnexp process would hold it
+        result = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL)
+        assert_one_error_line(result, 4, "in use by", f"pid {os.getpid()}")
+        assert sorted(p.name for p in out.iterdir()) == [records.LOCK_NAME]
+    result = invoke("train", "-o", out, "--data-dir", fake_data, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert not (out / records.LOCK_NAME).exists()
+
+
+# Eight more levels of nine aliases each over the file's 9-item list `a`: ~430 million values.
+LAUGHS = "".join(
+    f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (LAUGHS, ["evil.yaml", "aliases"]),
+        ("train:\n  ? [epochs]\n  : 3\n", ["evil.yaml", "a key must be a name"]),
+        ("model: " + "[" * 5000 + "\n", ["evil.yaml", "nested more than"]),
+    ],
+)
+def test_hostile_yaml_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_data, text, words):
+    path = tmp_path / "evil.yaml"
+    path.write_text("a: &a [" + ",".join(["lol"] * 9) + "]\n" + text)
+    out = tmp_path / "out"
+    result = invoke("sweep-init", "-c", path, "-o", out, "--data-dir", fake_data)
+    assert_one_error_line(result, 2, *words)
+    assert len(result.output) < 300 and "lol" not in result.output
+    assert not out.exists()

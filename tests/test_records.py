@@ -3,6 +3,10 @@
 import csv
 import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +232,179 @@ def test_strict_reading_rejects_a_corrupt_summary_with_one_line(tmp_path, text, 
     # A run folder without summary.json is unfinished (a partial result), not corrupt.
     (tmp_path / "runs" / "bbb" / "summary.json").unlink()
     assert len(records.read_summaries(tmp_path, strict=True)) == 1
+
+
+# --- file modes, lock, stale temporaries, manifest normalisation, git_dirty -------------------
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_gives_the_mode_open_would(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        records.atomic_write_text(tmp_path / "new.txt", "x")
+        with open(tmp_path / "by_open.txt", "w") as f:  # the reference: what open() does
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "by_open.txt").stat().st_mode & 0o777 == mode
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    path = tmp_path / "shared.csv"
+    path.write_text("old")
+    path.chmod(0o640)
+    records.atomic_write_text(path, "new")
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    records.prepare_output_dir(tmp_path, "name: a\n")
+    records.write_run(tmp_path, "aaa", {}, summary(0), [])
+    (tmp_path / "plots").mkdir()
+    stale = [
+        tmp_path / ".results.csv.k2j3h4.tmp",
+        tmp_path / "runs" / "aaa" / ".summary.json.x8y9.tmp",
+        tmp_path / "plots" / ".sweep.png.abc.tmp",
+    ]
+    kept = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "runs" / "aaa" / "x.tmp"]
+    for path in stale + kept:
+        path.write_text("half")
+    before = sorted(tmp_path.rglob("*"))
+    assert sorted(records.clean_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.rglob("*")) == sorted(set(before) - set(stale))
+    # prepare_output_dir (the start of every invocation) cleans them too.
+    stale[1].write_text("half")
+    records.prepare_output_dir(tmp_path, "name: a\n")
+    assert not stale[1].exists()
+
+
+def test_output_lock_refuses_a_second_holder_and_is_released(tmp_path):
+    out = tmp_path / "out"
+    with records.output_lock(out):
+        info = json.loads((out / records.LOCK_NAME).read_text())
+        assert info["pid"] == os.getpid() and info["host"]
+        # flock is per open file: a second acquisition fails even in this process.
+        with pytest.raises(OutputError) as refused, records.output_lock(out):
+            pass
+        message = str(refused.value)
+        assert f"pid {os.getpid()}" in message and "another -o" in message and "\n" not in message
+        assert (out / records.LOCK_NAME).exists()  # the refused one did not remove the lock
+        (out / "results.csv").write_text("x")
+    assert not (out / records.LOCK_NAME).exists()
+    assert (out / "results.csv").exists()
+
+
+def test_output_lock_held_by_another_process(tmp_path):
+    out = tmp_path / "out"
+    script = (
+        "import sys, time\nfrom bnexp import records\n"
+        f"with records.output_lock({str(out)!r}):\n"
+        "    print('locked', flush=True)\n    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(records.__file__).parents[1])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = f"in use by pid {holder.pid} on host"
+        with pytest.raises(OutputError, match=busy), records.output_lock(out):
+            pass
+        holder.kill()  # SIGKILL: its lock file stays behind, but the kernel drops its flock
+        holder.wait()
+        assert (out / records.LOCK_NAME).exists()
+        with records.output_lock(out):
+            assert json.loads((out / records.LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_output_lock_takes_over_a_stale_lock_file(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    (tmp_path / records.LOCK_NAME).write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "x"})
+    )
+    with records.output_lock(tmp_path):
+        assert json.loads((tmp_path / records.LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_output_lock_creates_out_and_removes_it_when_left_empty(tmp_path):
+    out = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError), records.output_lock(out):
+        assert out.is_dir()
+        raise RuntimeError("data error before anything was written")
+    assert not (tmp_path / "a").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="a file is in the way"), records.output_lock(blocker):
+        pass
+
+
+def test_read_manifest_normalises_a_killed_run_and_a_bad_previous(tmp_path):
+    notes = []
+    assert records.read_manifest(tmp_path, notes.append) is None and notes == []
+    records.write_manifest(tmp_path, {"status": "running", "previous": [{"status": "complete"}]})
+    manifest = records.read_manifest(tmp_path, notes.append)
+    assert manifest["status"] == "interrupted" and "killed" in manifest["status_note"]
+    assert manifest["previous"] == [{"status": "complete"}]
+    assert len(notes) == 1 and notes[0].startswith("note: ") and "killed" in notes[0]
+    for bad in ('{"status": "complete", "previous": 5}', '{"previous": [1]}', "[1]", "{"):
+        (tmp_path / "manifest.json").write_text(bad)
+        notes.clear()
+        assert records.read_manifest(tmp_path, notes.append) is None
+        assert len(notes) == 1 and "manifest.json" in notes[0], bad
+    assert records.read_manifest(tmp_path) is None  # without a note callback
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_git_dirty_describes_the_code_not_the_results(tmp_path):
+    repo = tmp_path / "repo"
+    for name in ("bnexp/a.py", "configs/c.yaml", "pyproject.toml", "results/r.csv", "README.md"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    package = repo / "bnexp"
+    assert records._git_info(package)["dirty"] is False
+    (repo / "results/r.csv").write_text("2\n")
+    (repo / "results/new.csv").write_text("2\n")
+    (repo / "README.md").write_text("2\n")
+    assert records._git_info(package)["dirty"] is False  # results and docs are not code
+    for name in ("configs/c.yaml", "pyproject.toml", "bnexp/a.py"):
+        (repo / name).write_text("2\n")
+        assert records._git_info(package)["dirty"] is True, name
+        _git(repo, "checkout", "--", name)
+    (repo / "bnexp" / "new.py").write_text("x = 1\n")  # new code not yet committed
+    assert records._git_info(package)["dirty"] is True
+
+
+def test_output_lock_without_flock_uses_the_pid_in_the_file(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "no locks on this file system")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = tmp_path / records.LOCK_NAME
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "x"}))
+    with pytest.raises(OutputError, match="in use by"), records.output_lock(tmp_path):
+        pass  # a live pid on this host holds it
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere", "since": "x"}))
+    with pytest.raises(OutputError, match="on host elsewhere"), records.output_lock(tmp_path):
+        pass  # another host's pid cannot be checked: not taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "x"})
+    )
+    with records.output_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
