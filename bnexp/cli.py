@@ -41,9 +41,13 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def reports_errors(command):
+def reports_errors(
+    command=None, *, interrupted="finished runs are kept; run the same command to resume"
+):
     """Run a command body; a BnexpError becomes `error: ...` on stderr and its exit code, Ctrl-C
-    exit 130 and SIGTERM exit 143 (finished runs kept)."""
+    exit 130 and SIGTERM exit 143, after one `interrupted: ...` line saying what was kept."""
+    if command is None:
+        return functools.partial(reports_errors, interrupted=interrupted)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -54,9 +58,7 @@ def reports_errors(command):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            click.echo(
-                "interrupted: finished runs are kept; run the same command to resume", err=True
-            )
+            click.echo(f"interrupted: {interrupted}", err=True)
             sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
 
     return wrapper
@@ -122,7 +124,7 @@ def data_info(data_dir):
     metavar="SECONDS",
     help="Give up when the whole transfer takes longer than this.",
 )
-@reports_errors
+@reports_errors(interrupted="nothing was kept; run the same command to download again")
 def data_download(data_dir, fmt, url, stall_timeout, deadline):
     """Download the official CIFAR-10 archive, verify its MD5 and unpack it.
 
