@@ -263,9 +263,13 @@ def _lab(style: dict) -> dict:
 
 
 def save_probe_figures(
-    folder: str | Path, layer_records: Sequence[dict], landscape_records: Sequence[dict]
+    folder: str | Path,
+    layer_records: Sequence[dict],
+    landscape_records: Sequence[dict],
+    formats: Sequence[str] = ("png",),
 ) -> list[Path]:
-    """Draw the probe figures whose records exist into folder (PNG and SVG); returns the paths.
+    """Draw the probe figures whose records exist into folder (each in `formats`); returns the
+    paths.
 
     Raises OutputError when the folder cannot be created or written.
     """
@@ -276,10 +280,12 @@ def save_probe_figures(
         raise OutputError(f"{folder}: cannot create ({exc.strerror or exc}); check OUT") from None
     paths: list[Path] = []
     if any("grad_w_norm" in r for r in layer_records):
-        paths += save_figure(gradient_flow_figure(layer_records), folder, "probe_gradient_flow")
+        paths += save_figure(
+            gradient_flow_figure(layer_records), folder, "probe_gradient_flow", formats
+        )
     if any("act_p50" in r for r in layer_records):
-        paths += save_figure(activation_figure(layer_records), folder, "probe_activations")
+        paths += save_figure(activation_figure(layer_records), folder, "probe_activations", formats)
     if any("ics_l2" in r for r in layer_records) or landscape_records:
         fig = ics_smoothness_figure(layer_records, landscape_records)
-        paths += save_figure(fig, folder, "probe_ics_smoothness")
+        paths += save_figure(fig, folder, "probe_ics_smoothness", formats)
     return paths

@@ -90,7 +90,10 @@ def _line(ax, label):
 @pytest.mark.slow
 def test_figures_are_written_as_png_and_svg(stored):
     out, layer_recs, land_recs = stored
-    paths = probe_plots.save_probe_figures(out / "plots", layer_recs, land_recs)
+    default = probe_plots.save_probe_figures(out / "png_only", layer_recs, land_recs)
+    assert sorted(p.suffix for p in default) == [".png"] * 3  # SVG only on request
+    formats = ("png", "svg")
+    paths = probe_plots.save_probe_figures(out / "plots", layer_recs, land_recs, formats)
     names = sorted(p.name for p in paths)
     assert names == sorted(
         f"probe_{n}.{ext}"
