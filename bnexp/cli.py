@@ -221,8 +221,7 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
         f"results in {result.out}/results.csv"
     )
     for path in result.plots:
-        if path.suffix == ".png":
-            click.echo(f"figure: {path}")
+        click.echo(f"figure: {path}")
 
 
 @main.command()
@@ -248,12 +247,30 @@ def sweep_init(config_path, out, data_dir, jobs, force, no_plot, overrides):
     _run("sweep-init", config_path, out, data_dir, jobs, force, no_plot, overrides)
 
 
+_svg_option = click.option("--svg", is_flag=True, help="Also write each figure as SVG.")
+
+
 @main.command()
 @click.argument("out", type=click.Path())
+@_svg_option
 @reports_errors
-def plot(out):
+def plot(out, svg):
     """(Re)draw the figures of a finished or partial result folder OUT (never retrains)."""
     from bnexp.plots import plot_results
 
-    for path in plot_results(out):
+    for path in plot_results(out, formats=("png", "svg") if svg else ("png",)):
         click.echo(f"figure: {path}")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@reports_errors
+def show(out):
+    """Print the summary table of a result folder OUT (offline: never trains, needs no data)."""
+    from bnexp.records import read_current_summaries
+    from bnexp.report import summary_table
+
+    summaries, expected = read_current_summaries(out)
+
+    click.echo(summary_table(summaries))
+    click.echo(f"\n{len(summaries)} of {expected} runs finished in {out}")

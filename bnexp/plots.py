@@ -41,7 +41,7 @@ from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator, 
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
 from bnexp import records, report
-from bnexp.errors import BnexpError, OutputError
+from bnexp.errors import OutputError
 
 CHANCE_ACC = 0.1  # 10 CIFAR-10 classes
 UNIFORM_LOSS = math.log(10)  # softmax loss of a uniform guess over 10 classes
@@ -721,29 +721,6 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
-def _current_runs(out: Path) -> tuple[set[str], int]:
-    """Run ids and count of the runs of OUT/config.yaml.
-
-    Raises OutputError when it is missing or not a valid experiment config: without it the
-    figures could not tell the current runs from those a --force re-run left behind.
-    """
-    from bnexp.config import expand_runs, load_config, run_id
-
-    path = out / "config.yaml"
-    fix = (
-        f"run the experiment's command again with -o {out} --force to rewrite it "
-        "(finished runs are kept)"
-    )
-    if not path.is_file():
-        raise OutputError(f"{path} is missing, so the runs of OUT are unknown; {fix}")
-    try:
-        cfg = load_config(path)
-    except BnexpError as exc:
-        raise OutputError(f"{path} is not a valid experiment config ({exc}); {fix}") from None
-    runs = expand_runs(cfg)
-    return {run_id(r, cfg) for r in runs}, len(runs)
-
-
 def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -795,18 +772,7 @@ def plot_results(out: str | Path, formats: Sequence[str] = ("png",)) -> list[Pat
     """
     out = Path(out)
     formats = _check_formats(formats)
-    if not any((out / "runs").glob("*/summary.json")):  # also a missing or empty folder
-        raise OutputError(
-            f"{out}: nothing to plot in OUT (no finished runs in {out / 'runs'}); "
-            "check the folder or run bnexp train / sweep-init first"
-        )
-    ids, expected = _current_runs(out)
-    summaries = records.read_summaries(out, ids, strict=True)
-    if not summaries:
-        raise OutputError(
-            f"{out}: nothing to plot in OUT (its runs are of an older config, not of "
-            f"{out / 'config.yaml'}); run that experiment's command with -o {out} first"
-        )
+    summaries, expected = records.read_current_summaries(out, "plot")
     folder = _plots_folder(out)
     figures = [("training_curves", build_curves_figure)]
     if len([s for s in _values(summaries, "weight_scale") if s is not None]) > 1:

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bnexp.errors import OutputError
+from bnexp.errors import BnexpError, OutputError
 from bnexp.yamlfile import dump_yaml
 
 RESULTS_COLUMNS = (
@@ -524,6 +524,56 @@ def read_summaries(
             summaries.append(summary)
     summaries.sort(key=lambda s: (_sort_index(s.get("index")), str(s["run_id"])))
     return summaries
+
+
+def read_current_summaries(out: str | Path, what: str = "show") -> tuple[list[dict], int]:
+    """The finished runs of OUT's own config (OUT/config.yaml), and how many runs it has in all.
+
+    Runs a --force re-run left behind from an older config are not included. Reads only OUT:
+    no data, no training.
+
+    Raises
+    ------
+    OutputError : OUT has no finished run, its config.yaml is missing or invalid, or a
+        summary.json of its runs is corrupt (`what` names the action in the message).
+    """
+    out = Path(out)
+    if not any((out / "runs").glob("*/summary.json")):  # also a missing or empty folder
+        raise OutputError(
+            f"{out}: nothing to {what} in OUT (no finished runs in {out / 'runs'}); "
+            "check the folder or run bnexp train / sweep-init first"
+        )
+    ids, expected = _current_runs(out)
+    summaries = read_summaries(out, ids, strict=True)
+    if not summaries:
+        raise OutputError(
+            f"{out}: nothing to {what} in OUT (its runs are of an older config, not of "
+            f"{out / 'config.yaml'}); run that experiment's command with -o {out} first"
+        )
+    return summaries, expected
+
+
+def _current_runs(out: Path) -> tuple[set[str], int]:
+    """Run ids and count of the runs of OUT/config.yaml.
+
+    Raises OutputError when it is missing or not a valid experiment config: without it the
+    figures could not tell the current runs from those a --force re-run left behind.
+    """
+    from bnexp.config import expand_runs, load_config, run_id
+
+    path = out / "config.yaml"
+    fix = (
+        f"run the experiment's command again with -o {out} --force to rewrite it "
+        "(finished runs are kept)"
+    )
+    if not path.is_file():
+        raise OutputError(f"{path} is missing, so the runs of OUT are unknown; {fix}")
+    try:
+        cfg = load_config(path)
+    except BnexpError as exc:
+        raise OutputError(f"{path} is not a valid experiment config ({exc}); {fix}") from None
+    runs = expand_runs(cfg)
+    return {run_id(r, cfg) for r in runs}, len(runs)
 
 
 def _sort_index(index: Any) -> int:

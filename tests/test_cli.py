@@ -14,6 +14,7 @@ from fakecifar import make_learnable_images, write_binary
 
 from bnexp import download, records, sweep
 from bnexp.cli import main
+from bnexp.report import summary_table
 
 SMALL = [
     "data.num_training=400",
@@ -94,9 +95,17 @@ def test_sweep_init_draws_the_sweep_figure_and_plot_redraws_without_training(
         raise AssertionError("bnexp plot must not train")
 
     monkeypatch.setattr(sweep, "train_group", no_training)
-    redraw = invoke("plot", out)
+    redraw = invoke("plot", out, "--svg")
     assert redraw.exit_code == 0, redraw.output
     assert png.is_file() and "weight_init_sweep.png" in redraw.output
+    assert "weight_init_sweep.svg" in redraw.output and png.with_suffix(".svg").is_file()
+
+    # `show` prints the run's own table offline: no data folder, no training.
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tmp_path / "no-such-data"))
+    shown = invoke("show", out)
+    assert shown.exit_code == 0, shown.output
+    table = summary_table(records.read_summaries(out))
+    assert shown.output.startswith(table + "\n") and "6 of 6 runs finished" in shown.output
 
 
 @pytest.mark.parametrize(
@@ -147,6 +156,10 @@ def test_unwritable_output_is_one_line_exit_4(tmp_path, fake_data):
     blocker.write_text("not a folder")
     result = invoke("train", "-o", blocker / "out", "--data-dir", fake_data, *SMALL)
     assert_one_error_line(result, 4, "a_file")
+
+
+def test_show_of_an_empty_folder_is_one_line(tmp_path):
+    assert_one_error_line(invoke("show", tmp_path), 4, "nothing to show")
 
 
 def test_plot_of_an_empty_folder_is_one_line(tmp_path):
