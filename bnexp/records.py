@@ -553,6 +553,12 @@ def read_current_summaries(out: str | Path, what: str = "show") -> tuple[list[di
     return summaries, expected
 
 
+def read_results(out: str | Path) -> list[dict]:
+    """The finished runs of a result folder, one dict per run (the summary.json fields, in run
+    order): what `bnexp show` prints. Reads only OUT; raises OutputError like `bnexp show`."""
+    return read_current_summaries(out)[0]
+
+
 def _current_runs(out: Path) -> tuple[set[str], int]:
     """Run ids and count of the runs of OUT/config.yaml.
 
