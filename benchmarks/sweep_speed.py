@@ -37,6 +37,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from bnexp import plan, train
+from bnexp.data import Splits
 from bnexp.model import NetSpec, weight_shapes
 
 HIDDEN = (50,) * 7
@@ -44,23 +45,21 @@ SCALES = np.logspace(-4, 0, 20)
 _WORK: dict = {}  # what the forked workers inherit: data, settings, groups
 
 
-def load_data(data_dir: str | None) -> tuple[train.TrainData, str]:
+def load_data(data_dir: str | None) -> tuple[Splits, str]:
     """Real splits via bnexp.data when a directory is given, else synthetic data, same shapes."""
     data_dir = data_dir or os.environ.get("BNEXP_DATA_DIR")
     if data_dir:
         from bnexp import data as bdata
 
-        s = bdata.load_splits(bdata.resolve_data_dir(data_dir))
-        return train.TrainData(
-            s.X_train, s.y_train, s.X_val, s.y_val, s.X_test, s.y_test
-        ), "CIFAR-10"
+        return bdata.load_splits(bdata.resolve_data_dir(data_dir)), "CIFAR-10"
     rng = np.random.default_rng(0)
 
     def split(n):
         return rng.normal(0.0, 60.0, (n, 3072)), rng.integers(0, 10, n)
 
     (xt, yt), (xv, yv), (xs, ys) = split(1000), split(1000), split(1000)
-    return train.TrainData(xt, yt, xv, yv, xs, ys), "synthetic (no data dir)"
+    synthetic = Splits(xt, yt, xv, yv, xs, ys, mean_image=np.zeros(3072), source={})
+    return synthetic, "synthetic (no data dir)"
 
 
 def make_groups(settings: train.SolverSettings, num_train: int):
@@ -74,7 +73,7 @@ def make_groups(settings: train.SolverSettings, num_train: int):
     return groups
 
 
-def flop_count(settings: train.SolverSettings, data: train.TrainData, networks: int) -> float:
+def flop_count(settings: train.SolverSettings, data: Splits, networks: int) -> float:
     """Matrix-product FLOPs of the whole sweep (2 per multiply-add)."""
     shapes = weight_shapes(NetSpec(3072, HIDDEN, 10, True))
     macs = sum(din * dout for din, dout in shapes)

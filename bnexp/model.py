@@ -24,6 +24,9 @@ import numpy as np
 
 from bnexp import layers
 
+#: Parameter dtypes a net can be stored and trained in.
+DTYPES = ("float32", "float64")
+
 
 @dataclass(frozen=True)
 class NetSpec:

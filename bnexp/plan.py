@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 #: epoch in consecutive slices (each image once per epoch, the usual deep-learning loader).
 SAMPLING_MODES = ("replacement", "shuffle")
 
+#: Where a run's random numbers come from: ``numpy`` (`numpy_plan`, per-run SeedSequence streams)
+#: or ``cs231n`` (`cs231n_plans`, the notebook's legacy global generator replayed).
+RNG_MODES = ("numpy", "cs231n")
+
 
 @dataclass(frozen=True)
 class RunPlan:

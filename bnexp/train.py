@@ -66,7 +66,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnexp import layers, model, optim
-from bnexp.errors import ConfigError
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, iterations_per_epoch
 
@@ -107,8 +106,9 @@ class SolverSettings:
         Rounding of the initial weights and dtype of all arithmetic; None means `dtype`.
     loss_window : int
         ``final_train_loss`` averages the last this-many minibatch losses (100, the notebook).
-    optim_config : tuple of (key, value)
-        Extra update-rule hyper-parameters, e.g. ``(("beta1", 0.9),)``; defaults are CS231n's.
+
+    The defaults are CS231n's; an experiment's settings come from its config
+    (`bnexp.sweep.solver_settings`), which validates them.
     """
 
     epochs: int = 10
@@ -124,7 +124,6 @@ class SolverSettings:
     init_dtype: str | None = None
     compute_dtype: str | None = None
     loss_window: int = 100
-    optim_config: tuple = ()
 
     @property
     def init_np_dtype(self) -> np.dtype:
@@ -148,18 +147,6 @@ class Member:
     weight_scale: float
     learning_rate: float | None
     plan: RunPlan
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """Data of one experiment; features float64 (N, D), labels int (N,). Test split optional."""
-
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_val: np.ndarray
-    y_val: np.ndarray
-    X_test: np.ndarray | None = None
-    y_test: np.ndarray | None = None
 
 
 @dataclass
@@ -215,25 +202,16 @@ def check_schedule(num_iterations: int, per_epoch: int) -> list[int]:
     ]
 
 
-def _validate(spec: NetSpec, members: list[Member], data: TrainData, settings: SolverSettings):
-    """Raise ConfigError/ValueError for inconsistent inputs before any work is done."""
-    if not members:
-        raise ValueError("train_group: no members")
-    if settings.update_rule not in optim.UPDATE_RULES:
-        raise ConfigError(
-            f"unknown update_rule {settings.update_rule!r}: choose one of "
-            f"{', '.join(optim.UPDATE_RULES)}"
-        )
-    if settings.bn_eval not in BN_EVAL_MODES:
-        raise ConfigError(
-            f"unknown bn_eval {settings.bn_eval!r}: choose one of {', '.join(BN_EVAL_MODES)}"
-        )
-    for name, value in (
-        ("init_dtype", settings.init_np_dtype),
-        ("compute_dtype", settings.compute_np_dtype),
-    ):
-        if value not in (np.float32, np.float64):
-            raise ConfigError(f"solver {name} must be float32 or float64, got {value}")
+def _validate(spec: NetSpec, members: list[Member], data, settings: SolverSettings) -> None:
+    """Raise ValueError for inputs that do not fit together, before any work is done.
+
+    The settings' values themselves are validated by `bnexp.config` (asserted here).
+    """
+    assert members, "train_group: no members"
+    assert settings.update_rule in optim.UPDATE_RULES, settings.update_rule
+    assert settings.bn_eval in BN_EVAL_MODES, settings.bn_eval
+    assert settings.init_np_dtype in (np.float32, np.float64), settings.init_dtype
+    assert settings.compute_np_dtype in (np.float32, np.float64), settings.compute_dtype
     for split in ("train", "val", "test"):
         X, y = getattr(data, f"X_{split}"), getattr(data, f"y_{split}")
         if X is None and split == "test":
@@ -243,19 +221,15 @@ def _validate(spec: NetSpec, members: list[Member], data: TrainData, settings: S
                 f"train_group: X_{split} {X.shape} / y_{split} {y.shape} do not match "
                 f"(N, {spec.input_dim}) / (N,)"
             )
-    num_iterations = settings.num_iterations(data.X_train.shape[0])
-    expected = (num_iterations, settings.batch_size)
+    expected = (settings.num_iterations(data.X_train.shape[0]), settings.batch_size)
     for k, member in enumerate(members):
         if member.plan.batch_indices.shape != expected:
             raise ValueError(
                 f"train_group: member {k} plan has batch_indices "
-                f"{member.plan.batch_indices.shape}, "
-                f"the settings need {expected}"
+                f"{member.plan.batch_indices.shape}, the settings need {expected}"
             )
-    if settings.bn_eval == "population" and spec.batchnorm:
-        m = min(settings.batch_size, data.X_train.shape[0])
-        if m < 2:
-            raise ConfigError("bn_eval 'population' needs minibatches of >= 2 examples")
+    population = settings.bn_eval == "population" and spec.batchnorm
+    assert not population or min(settings.batch_size, data.X_train.shape[0]) >= 2
 
 
 class _Updater:
@@ -267,14 +241,15 @@ class _Updater:
     and is the same for every block).
     """
 
-    def __init__(self, rule, shape, itemsize, hyper: dict, lr_axis0: bool, single: bool):
-        self.rule = rule
+    def __init__(self, rule: str, shape, itemsize, lr_axis0: bool, single: bool):
+        self.rule = optim.UPDATE_RULES[rule]
+        self.state_arrays = optim.STATE_ARRAYS[rule]
         row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * itemsize, 1)
         rows = shape[0] if single else max(1, UPDATE_BLOCK_BYTES // row_bytes)
         self.blocks = [slice(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)]
         self.whole = len(self.blocks) == 1
         self.lr_axis0 = lr_axis0
-        self.states = [dict(hyper) for _ in self.blocks]
+        self.states: list[dict] = [{} for _ in self.blocks]  # the rule's defaults (CS231n's)
         self.scratch: dict = {}  # block shape -> the rule's two temporaries
 
     def set_learning_rate(self, lr: np.ndarray) -> None:
@@ -299,7 +274,7 @@ class _Updater:
     def reset_network(self, k: int, width: int | None) -> None:
         """Zero network k's moments (rows k, or columns k*width:(k+1)*width of the wide W1)."""
         for blk, state in zip(self.blocks, self.states, strict=True):
-            for key in ("m", "v", "velocity"):
+            for key in self.state_arrays:
                 moment = state.get(key)
                 if moment is None:
                     continue
@@ -351,14 +326,10 @@ class _Group:
             ],
             dtype=np.float64,
         )
-        rule = optim.UPDATE_RULES[settings.update_rule]
-        hyper = dict(settings.optim_config)
-        w1 = params["W1"]
+        rule, w1 = settings.update_rule, params["W1"]
         self.updaters = {
-            "W1": _Updater(rule, w1.shape, w1.itemsize, hyper, lr_axis0=not wide, single=False),
-            "flat": _Updater(
-                rule, self.flat.shape, self.flat.itemsize, hyper, lr_axis0=True, single=True
-            ),
+            "W1": _Updater(rule, w1.shape, w1.itemsize, lr_axis0=not wide, single=False),
+            "flat": _Updater(rule, self.flat.shape, self.flat.itemsize, lr_axis0=True, single=True),
         }
         self.alive = np.ones(self.K, dtype=bool)
         self._push_learning_rates()
@@ -473,7 +444,7 @@ def _accuracy(group: _Group, params: dict, X: np.ndarray, y: np.ndarray, bn_stat
 def train_group(
     spec: NetSpec,
     members: list[Member],
-    data: TrainData,
+    data,
     settings: SolverSettings,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[RunResult]:
@@ -486,7 +457,7 @@ def train_group(
     members : list of Member
         Per network: weight scale, learning rate, plan (normals per layer (din, dout) and
         batch_indices (num_iterations, batch_size)).
-    data : TrainData
+    data : splits (e.g. `bnexp.data.Splits`)
         float64 features X_* (N, input_dim), int labels y_* (N,); cast once to the compute dtype.
     settings : SolverSettings
     on_progress : callable, optional
@@ -528,12 +499,8 @@ def train_group(
     with np.errstate(all="ignore"):  # a diverging network overflows by design; it is contained
         check_index = 0
         for t in range(num_iterations):
-            if wide:
-                rows = indices[0, t]
-                xb, yb = X_train[rows], y_train[rows]
-            else:
-                rows = indices[:, t]
-                xb, yb = X_train[rows], y_train[rows]
+            rows = indices[0, t] if wide else indices[:, t]  # shared (N,) or per network (K, N)
+            xb, yb = X_train[rows], y_train[rows]
             loss, grads = model.loss_and_grads(
                 spec, group.params, xb, yb, group.bn_params, reg=settings.reg, wide=wide
             )

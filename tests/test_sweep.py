@@ -11,8 +11,8 @@ import pytest
 
 from bnexp import sweep
 from bnexp.config import expand_runs, load_config
+from bnexp.data import Splits
 from bnexp.plan import cs231n_plans
-from bnexp.train import TrainData
 
 SMALL = [
     "model.hidden_dims=[16, 16]",
@@ -40,7 +40,7 @@ def data():
         return X, y
 
     (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
-    return TrainData(Xtr, ytr, Xv, yv, Xt, yt)
+    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})
 
 
 def run(cfg, out, data, **kw):
@@ -58,8 +58,8 @@ def test_default_sweep_forms_two_lockstep_groups_of_twenty():
     runs = expand_runs(load_config(None))
     groups = sweep.lockstep_groups(runs)
     assert [len(g) for g in groups] == [20, 20]
-    assert {runs[i].batchnorm for i in groups[0]} == {True}
-    assert {runs[i].batchnorm for i in groups[1]} == {False}
+    assert {runs[i].cfg.model.batchnorm for i in groups[0]} == {True}
+    assert {runs[i].cfg.model.batchnorm for i in groups[1]} == {False}
     # Members keep run order, so the per-scale pairing stays readable in the records.
     assert groups[0] == list(range(0, 40, 2))
 
@@ -68,7 +68,8 @@ def test_numpy_plans_are_paired_between_bn_and_baseline():
     runs = expand_runs(small_config())
     plans = sweep.make_plans(runs)
     for a, b in zip(runs[::2], runs[1::2], strict=True):
-        assert a.batchnorm and not b.batchnorm and a.weight_scale == b.weight_scale
+        assert a.cfg.model.batchnorm and not b.cfg.model.batchnorm
+        assert a.cfg.model.weight_scale == b.cfg.model.weight_scale
     # The same seed and widths: identical normals and minibatches for every run.
     for plan in plans[1:]:
         np.testing.assert_array_equal(plan.batch_indices, plans[0].batch_indices)
@@ -80,7 +81,7 @@ def test_cs231n_plans_replay_the_notebook_cells_in_order():
     runs = expand_runs(small_config("rng=cs231n"))
     plans = sweep.make_plans(runs)
     cells = [
-        [(sweep.net_spec(r), sweep.num_iterations(r), r.batch_size, 100) for r in runs[i : i + 2]]
+        [(sweep.net_spec(r.cfg), 10, 20, 100) for r in runs[i : i + 2]]
         for i in range(0, len(runs), 2)
     ]
     expected = [p for cell in cs231n_plans(231, cells) for p in cell]
@@ -143,18 +144,21 @@ def test_rerun_skips_finished_runs_and_grid_growth_trains_only_new_ones(tmp_path
     out = tmp_path / "out"
     first = run(small_config(), out, data)
     assert (first.trained, first.skipped) == (6, 0)
-    again = run(small_config(), out, data)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run(small_config(), out, data=None, data_dir=out / "no-data-here")
     assert (again.trained, again.skipped) == (0, 6)
     assert again.summaries == first.summaries
-    # The manifest of the invocation that trained the runs is kept, not overwritten.
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["runs_trained"] == 0
-    assert [m["runs_trained"] for m in manifest["previous"]] == [6]
-    assert "previous" not in manifest["previous"][0]
+    # Nothing to train: no data was needed and no file changed (the manifest is not rewritten).
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert not (out / "no-data-here").exists()
     grown = small_config("model.weight_scale=[1.0e-3, 5.0e-2, 1.0, 3.0]")
     more = run(grown, out, data, force=True)
     assert (more.trained, more.skipped) == (2, 6)
     assert len(csv_rows(out / "results.csv")) == 8
+    # The manifest of the invocation that trained the first runs is kept, not overwritten.
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runs_trained"] == 2
+    assert [m["runs_trained"] for m in manifest["previous"]] == [6]
 
 
 def test_ctrl_c_keeps_finished_groups_and_rerun_completes(tmp_path, data, monkeypatch):
