@@ -179,7 +179,7 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def run_summary(run: Run, rid: str, result: RunResult, data) -> dict:
-    """The summary.json of a finished run (fields: `bnexp.records.SUMMARY_FIELDS`)."""
+    """A finished run's summary.json: the fields of `bnexp.records.SUMMARY_FIELDS`, in order."""
     c = run.cfg
     per_epoch = iterations_per_epoch(c.data.num_train, c.train.batch_size)
     return {

@@ -222,3 +222,22 @@ def test_an_error_in_training_is_recorded_as_failed_not_interrupted(tmp_path, da
         run(small_config(), tmp_path / "out", data)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["end_time"]
+
+
+def test_summaries_follow_the_one_schema_and_results_csv_has_a_column_per_axis(tmp_path, data):
+    from bnexp import records
+
+    cfg = small_config("train.batch_size=[10, 20]", "model.batchnorm=[false]")
+    result = run(cfg, tmp_path / "out", data)
+    for s in result.summaries:
+        assert list(s) == list(records.SUMMARY_FIELDS)
+        assert records.summary_problem(s) is None
+    rows = csv_rows(tmp_path / "out" / "results.csv", drop=())
+    assert list(rows[0]) == [*records.RESULTS_COLUMNS, "train.batch_size"]
+    assert [r["train.batch_size"] for r in rows] == ["10", "20"] * 3
+    # Runs that differ in batch size train in separate lockstep groups.
+    runs = expand_runs(cfg)
+    groups = sweep.lockstep_groups(runs)
+    assert [[runs[i].cfg.train.batch_size for i in g] for g in groups] == [[10] * 3, [20] * 3]
+    by_size = {r["run_id"]: r for r in rows}
+    assert len(by_size) == 6
