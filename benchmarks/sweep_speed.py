@@ -37,8 +37,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from bnexp import plan, train
+from bnexp.config import load_config
 from bnexp.data import Splits
 from bnexp.model import NetSpec, weight_shapes
+from bnexp.sweep import solver_settings
 
 HIDDEN = (50,) * 7
 SCALES = np.logspace(-4, 0, 20)
@@ -60,6 +62,11 @@ def load_data(data_dir: str | None) -> tuple[Splits, str]:
     (xt, yt), (xv, yv), (xs, ys) = split(1000), split(1000), split(1000)
     synthetic = Splits(xt, yt, xv, yv, xs, ys, mean_image=np.zeros(3072), source={})
     return synthetic, "synthetic (no data dir)"
+
+
+def sweep_settings(dtype: str) -> train.SolverSettings:
+    """The solver settings of the default sweep (bnexp sweep-init) in the given dtype."""
+    return solver_settings(load_config(None, [f"model.dtype={dtype}"]))
 
 
 def make_groups(settings: train.SolverSettings, num_train: int):
@@ -119,7 +126,7 @@ def _rss_mb() -> float:
 def run(dtypes, data, serial: bool):
     rows = []
     for dtype in dtypes:
-        settings = train.SolverSettings(dtype=dtype)
+        settings = sweep_settings(dtype)
         groups = make_groups(settings, data.X_train.shape[0])
         flops = flop_count(settings, data, 40)
         peak = gemm_peak(dtype, 2)
@@ -155,7 +162,7 @@ def profile_group(data, dtype: str) -> None:
     import cProfile
     import pstats
 
-    settings = train.SolverSettings(dtype=dtype)
+    settings = sweep_settings(dtype)
     spec, members = make_groups(settings, data.X_train.shape[0])[0]
     profiler = cProfile.Profile()
     with threadpool_limits(1):
@@ -215,7 +222,7 @@ def main() -> None:
         )
         if serial:
             print(f"{dtype}: best lockstep is {serial / best:.1f}x faster than one-at-a-time")
-    print(f"sweep FLOPs: {flop_count(train.SolverSettings(), data, 40) / 1e9:.0f} GFLOP")
+    print(f"sweep FLOPs: {flop_count(sweep_settings('float32'), data, 40) / 1e9:.0f} GFLOP")
 
 
 if __name__ == "__main__":

@@ -107,23 +107,23 @@ class SolverSettings:
     loss_window : int
         ``final_train_loss`` averages the last this-many minibatch losses (100, the notebook).
 
-    The defaults are CS231n's; an experiment's settings come from its config
-    (`bnexp.sweep.solver_settings`), which validates them.
+    Built from a run's config by `bnexp.sweep.solver_settings` (the config holds the defaults and
+    validates the values).
     """
 
-    epochs: int = 10
-    batch_size: int = 50
-    update_rule: str = "adam"
-    learning_rate: float = 1e-3
-    lr_decay: float = 1.0
-    bn_eval: str = "running"
-    bn_momentum: float = 0.9
-    bn_eps: float = 1e-5
-    reg: float = 0.0
-    dtype: str = "float32"
+    epochs: int
+    batch_size: int
+    update_rule: str
+    learning_rate: float
+    lr_decay: float
+    bn_eval: str
+    bn_momentum: float
+    bn_eps: float
+    reg: float
+    dtype: str
+    loss_window: int
     init_dtype: str | None = None
     compute_dtype: str | None = None
-    loss_window: int = 100
 
     @property
     def init_np_dtype(self) -> np.dtype:

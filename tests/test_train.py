@@ -1,11 +1,15 @@
 """The lockstep engine against one-network-at-a-time training, divergence, checks, BN evaluation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from bnexp import model, plan, train
+from bnexp.config import load_config
 from bnexp.data import Splits
 from bnexp.model import NetSpec
+from bnexp.sweep import solver_settings
 
 D, C, NUM_TRAIN, BATCH = 40, 4, 120, 12  # 10 iterations per epoch
 SCALES = [1e-2, 5e-2, 0.1, 0.3, 1.0]
@@ -28,8 +32,9 @@ def splits(*arrays):
 
 
 def _settings(**kw):
-    base = dict(epochs=3, batch_size=BATCH, dtype="float64")
-    return train.SolverSettings(**{**base, **kw})
+    """The default experiment's solver settings in float64, 3 epochs of batch BATCH, then kw."""
+    cfg = load_config(None, ["model.dtype=float64", "train.epochs=3", f"train.batch_size={BATCH}"])
+    return dataclasses.replace(solver_settings(cfg), **kw)
 
 
 def _members(spec, settings, shared, scales=SCALES, lrs=LRS):
@@ -110,33 +115,50 @@ def test_check_schedule_and_best_val_snapshot(data):
     assert train.check_schedule(5, 1) == [0, 1, 2, 3, 4]  # one iteration per epoch: no extra
 
 
-def test_population_statistics_match_a_direct_computation(data):
-    spec = NetSpec(D, (16, 12), C, batchnorm=True)
-    settings = _settings(bn_eval="population")
-    members = _members(spec, settings, shared=True)[:3]
-    group = train._Group(spec, members, settings, wide=True)
-    X = np.ascontiguousarray(data.X_train)
-    got = train._population_stats(group, X)
+def _direct_scores(params, X_train, X_eval, unbiased):
+    """Scores of one BN network evaluated by hand: Algorithm 2 statistics from consecutive
+    training minibatches of BATCH (unbiased or, for the control, biased variance), test mode."""
+    stats, h_train = [], X_train
+    for layer in (1, 2):
+        a = h_train @ params[f"W{layer}"] + params[f"b{layer}"]
+        batches = a[: (len(a) // BATCH) * BATCH].reshape(-1, BATCH, a.shape[1])
+        mu_b, var_b = batches.mean(axis=1), batches.var(axis=1)
+        factor = BATCH / (BATCH - 1) if unbiased else 1.0
+        stats.append((mu_b.mean(axis=0), factor * var_b.mean(axis=0)))
+        # The next layer's batch statistics see this layer normalised with each batch's own.
+        norm = (batches - mu_b[:, None]) / np.sqrt(var_b[:, None] + 1e-5)
+        h_train = np.maximum(norm * params[f"gamma{layer}"] + params[f"beta{layer}"], 0)
+        h_train = h_train.reshape(-1, a.shape[1])
+    h = X_eval
+    for layer, (mu, var) in zip((1, 2), stats, strict=True):
+        a = h @ params[f"W{layer}"] + params[f"b{layer}"]
+        a = (a - mu) / np.sqrt(var + 1e-5) * params[f"gamma{layer}"] + params[f"beta{layer}"]
+        h = np.maximum(a, 0)
+    return h @ params["W3"] + params["b3"]
 
-    for k in range(3):
-        p = {key: v[k] for key, v in group.params.items()}
-        p["W1"] = model.from_wide(group.params["W1"], 3)[k]
-        means, variances = [[], []], [[], []]
-        for b in range(NUM_TRAIN // BATCH):
-            h = X[b * BATCH : (b + 1) * BATCH]
-            for layer in (1, 2):
-                a = h @ p[f"W{layer}"] + p[f"b{layer}"]
-                mu, var = a.mean(axis=0), a.var(axis=0)
-                means[layer - 1].append(mu)
-                variances[layer - 1].append(var)
-                a = (a - mu) / np.sqrt(var + 1e-5) * p[f"gamma{layer}"] + p[f"beta{layer}"]
-                h = np.maximum(a, 0)
-        for layer in range(2):
-            mean, var = got[layer]
-            np.testing.assert_allclose(mean[k], np.mean(means[layer], axis=0), rtol=1e-12)
-            factor = BATCH / (BATCH - 1)
-            expected = factor * np.mean(variances[layer], axis=0)
-            np.testing.assert_allclose(var[k], expected, rtol=1e-12)
+
+def test_population_statistics_through_the_training_path(data):
+    # Learning rate 0: the parameters stay at their initial values (Adam's step is exactly 0), so
+    # every check's population statistics can be computed by hand from the plan's normals.
+    spec = NetSpec(D, (16, 12), C, batchnorm=True)
+    settings = _settings(bn_eval="population", epochs=1)
+    members = [
+        train.Member(m.weight_scale, 0.0, m.plan) for m in _members(spec, settings, shared=True)
+    ]
+    results = train.train_group(spec, members, data, settings)
+    differs = False
+    for member, result in zip(members, results, strict=True):
+        params = model.init_params(spec, member.plan.normals, member.weight_scale, np.float64)
+        for X, y, history in (
+            (data.X_train, data.y_train, result.train_acc_history),
+            (data.X_val, data.y_val, result.val_acc_history),
+        ):
+            scores = _direct_scores(params, data.X_train, X, unbiased=True)
+            expected = float(np.mean(scores.argmax(axis=1) == y))
+            assert history == [expected] * len(history)
+            biased = _direct_scores(params, data.X_train, X, unbiased=False)
+            differs |= float(np.mean(biased.argmax(axis=1) == y)) != expected
+    assert differs  # the check can tell the m/(m-1) factor (a mutation of it fails this test)
 
 
 @pytest.mark.parametrize("bn_eval", ["population", "batch"])
