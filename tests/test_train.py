@@ -183,3 +183,19 @@ def test_reference_precision_mode_rounds_init_to_float32(data):
     np.testing.assert_array_equal(group.params["W1"], expected)
     (result,) = train.train_group(spec, [member], data, settings)
     assert np.isfinite(result.loss_history).all()
+
+
+def test_learning_rate_decays_after_the_last_step_of_each_epoch(data):
+    # Independent reference: the same run without decay. Steps 0 .. per_epoch - 1 use the initial
+    # rate, so the losses up to iteration per_epoch (params after those steps) are identical;
+    # the first step of epoch 2 uses the decayed rate, so the loss after it differs.
+    spec = NetSpec(D, (16, 12), C, batchnorm=True)
+    per_epoch = NUM_TRAIN // BATCH
+    members = _members(spec, _settings(epochs=2), shared=True)[:2]
+    plain = train.train_group(spec, members, data, _settings(epochs=2))
+    decayed = train.train_group(spec, members, data, _settings(epochs=2, lr_decay=0.1))
+    for a, b in zip(plain, decayed, strict=True):
+        np.testing.assert_array_equal(
+            a.loss_history[: per_epoch + 1], b.loss_history[: per_epoch + 1]
+        )
+        assert a.loss_history[per_epoch + 1] != b.loss_history[per_epoch + 1]
