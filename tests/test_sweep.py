@@ -241,3 +241,18 @@ def test_summaries_follow_the_one_schema_and_results_csv_has_a_column_per_axis(t
     assert [[runs[i].cfg.train.batch_size for i in g] for g in groups] == [[10] * 3, [20] * 3]
     by_size = {r["run_id"]: r for r in rows}
     assert len(by_size) == 6
+
+
+def test_results_do_not_depend_on_which_runs_share_an_experiment(tmp_path, data):
+    # A batch-size axis splits the experiment into lockstep groups; each run's numbers equal
+    # those of the same run in an experiment of its own (and its id is the same).
+    both = run(small_config("train.batch_size=[10, 20]"), tmp_path / "both", data).summaries
+    alone = []
+    for size in (10, 20):
+        alone += run(
+            small_config(f"train.batch_size={size}"), tmp_path / f"b{size}", data
+        ).summaries
+    keep = ("run_id", "loss_history", "val_acc_history", "train_acc_history", "test_acc")
+    by_id = {s["run_id"]: {k: s[k] for k in keep} for s in alone}
+    assert len(both) == len(by_id) == 12
+    assert all({k: s[k] for k in keep} == by_id[s["run_id"]] for s in both)
