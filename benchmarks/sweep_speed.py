@@ -37,30 +37,36 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from bnexp import plan, train
+from bnexp.config import load_config
+from bnexp.data import Splits
 from bnexp.model import NetSpec, weight_shapes
+from bnexp.sweep import solver_settings
 
 HIDDEN = (50,) * 7
 SCALES = np.logspace(-4, 0, 20)
 _WORK: dict = {}  # what the forked workers inherit: data, settings, groups
 
 
-def load_data(data_dir: str | None) -> tuple[train.TrainData, str]:
+def load_data(data_dir: str | None) -> tuple[Splits, str]:
     """Real splits via bnexp.data when a directory is given, else synthetic data, same shapes."""
     data_dir = data_dir or os.environ.get("BNEXP_DATA_DIR")
     if data_dir:
         from bnexp import data as bdata
 
-        s = bdata.load_splits(bdata.resolve_data_dir(data_dir))
-        return train.TrainData(
-            s.X_train, s.y_train, s.X_val, s.y_val, s.X_test, s.y_test
-        ), "CIFAR-10"
+        return bdata.load_splits(bdata.resolve_data_dir(data_dir)), "CIFAR-10"
     rng = np.random.default_rng(0)
 
     def split(n):
         return rng.normal(0.0, 60.0, (n, 3072)), rng.integers(0, 10, n)
 
     (xt, yt), (xv, yv), (xs, ys) = split(1000), split(1000), split(1000)
-    return train.TrainData(xt, yt, xv, yv, xs, ys), "synthetic (no data dir)"
+    synthetic = Splits(xt, yt, xv, yv, xs, ys, mean_image=np.zeros(3072), source={})
+    return synthetic, "synthetic (no data dir)"
+
+
+def sweep_settings(dtype: str) -> train.SolverSettings:
+    """The solver settings of the default sweep (bnexp sweep-init) in the given dtype."""
+    return solver_settings(load_config(None, [f"model.dtype={dtype}"]))
 
 
 def make_groups(settings: train.SolverSettings, num_train: int):
@@ -74,7 +80,7 @@ def make_groups(settings: train.SolverSettings, num_train: int):
     return groups
 
 
-def flop_count(settings: train.SolverSettings, data: train.TrainData, networks: int) -> float:
+def flop_count(settings: train.SolverSettings, data: Splits, networks: int) -> float:
     """Matrix-product FLOPs of the whole sweep (2 per multiply-add)."""
     shapes = weight_shapes(NetSpec(3072, HIDDEN, 10, True))
     macs = sum(din * dout for din, dout in shapes)
@@ -120,7 +126,7 @@ def _rss_mb() -> float:
 def run(dtypes, data, serial: bool):
     rows = []
     for dtype in dtypes:
-        settings = train.SolverSettings(dtype=dtype)
+        settings = sweep_settings(dtype)
         groups = make_groups(settings, data.X_train.shape[0])
         flops = flop_count(settings, data, 40)
         peak = gemm_peak(dtype, 2)
@@ -156,7 +162,7 @@ def profile_group(data, dtype: str) -> None:
     import cProfile
     import pstats
 
-    settings = train.SolverSettings(dtype=dtype)
+    settings = sweep_settings(dtype)
     spec, members = make_groups(settings, data.X_train.shape[0])[0]
     profiler = cProfile.Profile()
     with threadpool_limits(1):
@@ -216,7 +222,7 @@ def main() -> None:
         )
         if serial:
             print(f"{dtype}: best lockstep is {serial / best:.1f}x faster than one-at-a-time")
-    print(f"sweep FLOPs: {flop_count(train.SolverSettings(), data, 40) / 1e9:.0f} GFLOP")
+    print(f"sweep FLOPs: {flop_count(sweep_settings('float32'), data, 40) / 1e9:.0f} GFLOP")
 
 
 if __name__ == "__main__":

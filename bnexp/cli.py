@@ -155,8 +155,9 @@ def _experiment_options(command):
             "--config",
             "config_path",
             type=click.Path(dir_okay=False),
-            default=None,
-            help="Experiment YAML [default: the command's file in configs/].",
+            multiple=True,
+            help="Experiment YAML over the command's default experiment (configs/); repeat to "
+            "layer several, a later file wins.",
         ),
         click.option(
             "-o",
@@ -193,14 +194,11 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
     from pathlib import Path
 
     from bnexp import records
-    from bnexp.config import load_config, load_default_config
+    from bnexp.config import load_config
     from bnexp.report import summary_table
     from bnexp.sweep import run_experiment
 
-    if config_path is None:
-        cfg = load_default_config(command_name, overrides)
-    else:
-        cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, command=command_name)
     out = Path(out) if out is not None else Path("results") / cfg.name
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

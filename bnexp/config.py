@@ -1,10 +1,33 @@
-"""Experiment configs: strict YAML into frozen dataclasses, dotted overrides, grids, run expansion.
+"""Experiment configs: strict YAML into frozen dataclasses, layered files, overrides, grids, runs.
 
-A config file is YAML with the sections below (every key optional; the defaults are the reference
-initialization sweep). Four keys are *grids* and take a scalar, a list, or
-``{logspace: [start, stop, num]}`` / ``{linspace: [start, stop, num]}``: ``seed``,
-``model.weight_scale``, ``model.batchnorm`` and ``train.learning_rate``. `expand_runs` turns a
-config into the cartesian product of its grids, one `RunConfig` per training run.
+Every config key is ONE dataclass field below, declared with `setting`: its default, its kind and
+its bounds or choices. Validation is a loop over those fields; only the checks that relate two
+keys are written by hand (`_cross_checks`). Lists of choices come from the module that implements
+them (update rules from `bnexp.optim`, sampling and rng modes from `bnexp.plan`, batch-norm
+evaluation modes from `bnexp.train`, dtypes from `bnexp.model`).
+
+Grids. Every key of ``model`` and ``train`` and ``seed`` may be a *sweep axis*: a list of values, or
+``{logspace: [start, stop, num]}`` / ``{linspace: [start, stop, num]}`` for numbers.
+``model.hidden_dims`` is already a list, so its axis is a list of lists,
+``model.hidden_dims=[[100,100,100,100,100],[50,50,50,50,50,50,50]]``. ``ExperimentConfig`` holds
+one scalar per key (for a swept key, the first value of its axis) plus ``axes``, the ordered swept
+keys and their values. `expand_runs` turns it into the cartesian product, one `Run` per point:
+seed outermost, then ``train.learning_rate``, ``model.weight_scale``, ``model.batchnorm`` (the
+notebook's order, which the rng=cs231n replay depends on), then every other swept key in the order
+of `AXIS_ORDER` (fields in declaration order, model before train), the last innermost. A run's
+``cfg`` is the experiment resolved at its point (every field a scalar, ``axes`` empty).
+
+Layers. A config is built from the command's default experiment (the repo's YAML, else a built-in
+copy), then each ``-c`` file in order (a later file wins key by key), then the ``KEY=VALUE``
+overrides. An empty file is an error.
+
+Limits. Before anything is materialised the loader refuses configs beyond the ``limits`` section
+(raise them with a file or an override such as ``limits.runs=50000``): values of one grid, runs,
+layer width, parameters per network, total network-iterations and an estimate of memory.
+
+Adding a key: add one `setting` field to its section (default, kind, bounds or choices) and read it
+from ``run.cfg`` where it is used; a key new at its default stays out of the run-id hash, so the ids
+of existing results do not change.
 
 Every problem is one `ConfigError` line naming the file (or the override) and the dotted key::
 
@@ -14,6 +37,7 @@ Every problem is one `ConfigError` line naming the file (or the override) and th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
@@ -27,118 +51,209 @@ from typing import Any
 import numpy as np
 
 from bnexp.errors import ConfigError
+from bnexp.model import DTYPES
+from bnexp.optim import UPDATE_RULES
+from bnexp.plan import RNG_MODES, SAMPLING_MODES, iterations_per_epoch
+from bnexp.train import BN_EVAL_MODES
 from bnexp.yamlfile import dump_yaml, parse_yaml
 
 CIFAR10_TRAIN_IMAGES = 50_000
 CIFAR10_TEST_IMAGES = 10_000
-UPDATE_RULES = ("sgd", "sgd_momentum", "adam")
-SAMPLINGS = ("replacement", "shuffle")
-BN_EVALS = ("running", "population", "batch")
-RNGS = ("numpy", "cs231n")
-DTYPES = ("float32", "float64")
-GRID_KEYS = ("seed", "model.weight_scale", "model.batchnorm", "train.learning_rate")
+#: CIFAR-10 images flattened channel-major, and its classes.
+INPUT_DIM = 3 * 32 * 32
+NUM_CLASSES = 10
 _MAX_SEED = 2**32 - 1  # np.random.seed (the cs231n replay) accepts 0 .. 2**32 - 1
+_EXCERPT = 40  # characters of a value quoted in an error line
+
+
+def setting(
+    default: Any,
+    kind: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    choices: Sequence[str] = (),
+    axis: bool = True,
+) -> Any:
+    """A config field: default, kind and bounds in the field's metadata (read by `_check_value`).
+
+    kind : 'int', 'float', 'bool', 'choice', 'dims' (list of layer widths), 'seed' or 'name'.
+    ge, gt, lt, le : bounds of a number. choices : allowed strings of a 'choice'.
+    axis : whether a list or grid of values may be given (a sweep axis).
+    """
+    meta = {"kind": kind, "ge": ge, "gt": gt, "lt": lt, "le": le, "choices": tuple(choices)}
+    return field(default=default, metadata={**meta, "axis": axis})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which CIFAR-10 images form the splits (the cs231n `get_CIFAR10_data` layout)."""
+    """Which CIFAR-10 images form the splits (the cs231n `get_CIFAR10_data` layout).
 
-    num_training: int = 49_000  # train = first num_training images; the mean image is theirs
-    num_validation: int = 1_000  # val = the next num_validation training images
-    num_test: int = 1_000  # test = first num_test test-batch images
-    num_train: int = 1_000  # the experiment trains on the first num_train of the train split
-    subtract_mean: bool = True
+    One data set per experiment: these keys cannot be sweep axes.
+    """
+
+    num_training: int = setting(49_000, "int", ge=1, axis=False)  # train = the first ones
+    num_validation: int = setting(1_000, "int", ge=1, axis=False)  # val = the next ones
+    num_test: int = setting(1_000, "int", ge=0, le=CIFAR10_TEST_IMAGES, axis=False)
+    num_train: int = setting(1_000, "int", ge=1, axis=False)  # trained on: first of train split
+    subtract_mean: bool = setting(True, "bool", axis=False)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The fully connected net; `weight_scale` and `batchnorm` are grids (tuples)."""
+    """The fully connected net."""
 
-    hidden_dims: tuple[int, ...] = (50,) * 7
-    weight_scale: tuple[float, ...] = tuple(float(v) for v in np.logspace(-4, 0, 20))
-    batchnorm: tuple[bool, ...] = (True, False)
-    reg: float = 0.0
-    dtype: str = "float32"
+    hidden_dims: tuple[int, ...] = setting((100,) * 5, "dims")
+    weight_scale: float = setting(2e-2, "float", gt=0)
+    batchnorm: bool = setting(True, "bool")
+    reg: float = setting(0.0, "float", ge=0)
+    dtype: str = setting("float32", "choice", choices=DTYPES)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Solver settings; `learning_rate` is a grid (tuple)."""
+    """Solver settings (CS231n Solver semantics, see `bnexp.train`)."""
 
-    epochs: int = 10
-    batch_size: int = 50
-    update_rule: str = "adam"
-    learning_rate: tuple[float, ...] = (1e-3,)
-    lr_decay: float = 1.0
-    sampling: str = "replacement"
-    bn_eval: str = "running"
-    bn_momentum: float = 0.9
-    bn_eps: float = 1e-5
-    loss_window: int = 100
+    epochs: int = setting(10, "int", ge=1)
+    batch_size: int = setting(50, "int", ge=1)
+    update_rule: str = setting("adam", "choice", choices=tuple(UPDATE_RULES))
+    learning_rate: float = setting(1e-3, "float", gt=0)
+    lr_decay: float = setting(1.0, "float", gt=0)
+    sampling: str = setting("replacement", "choice", choices=SAMPLING_MODES)
+    bn_eval: str = setting("running", "choice", choices=BN_EVAL_MODES)
+    bn_momentum: float = setting(0.9, "float", ge=0, lt=1)
+    bn_eps: float = setting(1e-5, "float", gt=0)
+    loss_window: int = setting(100, "int", ge=1)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Resource guards checked at load time, before anything is built (raise them to go further).
+
+    grid_values: values of one sweep axis; runs: grid points; layer_width: widest hidden layer;
+    parameters: per network; iterations: solver iterations summed over all runs; memory_mb: the
+    estimated peak of the random plans, histories and the largest lockstep group's arrays.
+    """
+
+    grid_values: int = setting(10_000, "int", ge=1, axis=False)
+    runs: int = setting(10_000, "int", ge=1, axis=False)
+    layer_width: int = setting(100_000, "int", ge=1, axis=False)
+    parameters: int = setting(50_000_000, "int", ge=1, axis=False)
+    iterations: int = setting(20_000_000, "int", ge=1, axis=False)
+    memory_mb: int = setting(8_192, "int", ge=1, axis=False)
+
+
+Axis = tuple[str, tuple]
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment; `seed` is a grid of replicate seeds (tuple)."""
+    """A whole experiment: one value per key plus the sweep axes.
 
-    name: str = "weight_init_sweep"
-    seed: tuple[int, ...] = (231,)
-    rng: str = "numpy"
+    A swept key's field holds the first value of its axis; `values` gives the whole axis.
+    """
+
+    name: str = setting("experiment", "name", axis=False)
+    seed: int = setting(231, "seed")
+    rng: str = setting("numpy", "choice", choices=RNG_MODES, axis=False)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    axes: tuple[Axis, ...] = ()
+
+    def get(self, key: str) -> Any:
+        """The scalar value of a dotted key, e.g. ``cfg.get("train.epochs")``."""
+        obj = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def values(self, key: str) -> tuple:
+        """Every value a dotted key takes in the experiment: its axis, or (its scalar,)."""
+        return dict(self.axes).get(key, (self.get(key),))
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """One training run: every grid resolved to a scalar, plus its position in `expand_runs`."""
+class Run:
+    """One training run: its index in `expand_runs`, seed, grid point and resolved config.
+
+    point: ((dotted key, value), ...) of every axis; cfg: the experiment at that point (every
+    field a scalar, no axes). The engine reads every setting from ``cfg``.
+    """
 
     index: int
     seed: int
-    rng: str
-    data: DataConfig
-    hidden_dims: tuple[int, ...]
-    weight_scale: float
-    batchnorm: bool
-    reg: float
-    dtype: str
-    epochs: int
-    batch_size: int
-    update_rule: str
-    learning_rate: float
-    lr_decay: float
-    sampling: str
-    bn_eval: str
-    bn_momentum: float
-    bn_eps: float
-    loss_window: int
+    point: tuple[tuple[str, Any], ...]
+    cfg: ExperimentConfig
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-_TOP_KEYS = ("name", "seed", "rng", "data", "model", "train")
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "limits": LimitsConfig}
+_TOP_SCALARS = ("name", "seed", "rng")
+_TOP_KEYS = (*_TOP_SCALARS, *_SECTIONS)
+
+
+def _section_fields(section: str) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(_SECTIONS[section])
+
+
+def _all_fields() -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every config key, in declaration order."""
+    top = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    out = [(name, top[name]) for name in _TOP_SCALARS]
+    return out + [(f"{s}.{f.name}", f) for s in _SECTIONS for f in _section_fields(s)]
+
+
+#: The order of the product, outermost first (see the module docstring).
+_NOTEBOOK_AXES = ("seed", "train.learning_rate", "model.weight_scale", "model.batchnorm")
+AXIS_ORDER = _NOTEBOOK_AXES + tuple(
+    key for key, f in _all_fields() if f.metadata["axis"] and key not in _NOTEBOOK_AXES
+)
+#: Keys that existed before any other could be added; they are always part of a run's id.
+_ID_KEYS = frozenset(
+    (
+        "seed",
+        "rng",
+        *(f"{s}.{f.name}" for s in ("data", "model", "train") for f in _section_fields(s)),
+    )
+)
+#: Keys written as lists in a saved config even with one value (how configs were always saved).
+_ALWAYS_LISTED = frozenset(_NOTEBOOK_AXES)
 
 # Config files shipped with the repo, and the same experiments built in (for an installed wheel).
 _DEFAULT_FILES = {"train": "bn_vs_baseline.yaml", "sweep-init": "weight_init_sweep.yaml"}
 _BUILTIN = {
-    "train": {
-        "name": "bn_vs_baseline",
-        "model": {"hidden_dims": [100] * 5, "weight_scale": 2e-2, "batchnorm": [True, False]},
+    "train": {"name": "bn_vs_baseline", "model": {"batchnorm": [True, False]}},
+    "sweep-init": {
+        "name": "weight_init_sweep",
+        "model": {
+            "hidden_dims": [50] * 7,
+            "weight_scale": {"logspace": [-4, 0, 20]},
+            "batchnorm": [True, False],
+        },
     },
-    "sweep-init": {},  # the dataclass defaults are the sweep
 }
 
 
-# --- validation -----------------------------------------------------------------------------
+# --- validation of one value ----------------------------------------------------------------
 
 
 def _show(value: Any) -> str:
-    """A value as the user wrote it (YAML spelling for booleans and null)."""
+    """A value as the user wrote it (YAML spelling for booleans and null), cut to an excerpt."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= _EXCERPT else text[: _EXCERPT - 3] + "..."
+
+
+def _override_label(text: str) -> str:
+    """How an error names an override: its text, cut to a short excerpt."""
+    shown = text if len(text) <= 2 * _EXCERPT else text[: 2 * _EXCERPT - 3] + "..."
+    return f"override {shown!r}"
 
 
 def _is_int(v: Any) -> bool:
@@ -149,138 +264,255 @@ def _is_number(v: Any) -> bool:
     return _is_int(v) or isinstance(v, (float, np.floating))
 
 
-class _Checker:
-    """Raises ConfigError naming the source of a key: the file, or the override that set it."""
+def _suggest(word: str, allowed: Sequence[str]) -> str:
+    """'did you mean X? ' for the closest allowed spelling, or ''."""
+    close = difflib.get_close_matches(str(word), list(allowed), n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""
 
-    def __init__(self, source: str, overrides: dict[str, str]):
-        self.source = source
-        self.overrides = overrides
+
+class _Checker:
+    """Raises ConfigError naming where a key was set: a file, or the override that set it."""
+
+    def __init__(self, origin: dict[str, str], default_source: str):
+        self.origin = origin  # dotted key (or section) -> "path" or "override 'k=v'"
+        self.default_source = default_source
+
+    def _source_of(self, key: str) -> str | None:
+        base = key.split("[")[0]
+        for dotted in (base, base.split(".")[0]):
+            if dotted in self.origin:
+                return self.origin[dotted]
+        return None
 
     def fail(self, key: str, problem: str, related: Sequence[str] = ()) -> None:
-        """Raise for `key`; blame an override that set it (or a `related` key of a cross-check)."""
-        for dotted, text in self.overrides.items():
-            for k in (key, *related):
-                base = k.split("[")[0]
-                if base == dotted or base.startswith(dotted + ".") or dotted.startswith(base + "."):
-                    raise ConfigError(f"override {text!r}: {key}: {problem}")
-        raise ConfigError(f"{self.source}: {key}: {problem}")
+        """Raise for `key`; blame an override that set it (or a `related` key of a cross-check),
+        else the file that set it, else the default experiment."""
+        found = [s for s in map(self._source_of, (key, *related)) if s is not None]
 
-    def int_(self, v: Any, key: str, minimum: int, what: str) -> int:
-        if not _is_int(v) or v < minimum:
-            self.fail(key, f"expected {what}, got {_show(v)}")
-        return int(v)
+        def rank(source: str) -> int:
+            return 0 if source.startswith("override ") else int(source == self.default_source)
 
-    def float_(self, v: Any, key: str, *, positive=False, nonneg=False, below_one=False) -> float:
-        if not _is_number(v) or not math.isfinite(float(v)):
-            self.fail(key, f"expected a finite number, got {_show(v)}")
-        v = float(v)
-        if positive and v <= 0:
-            self.fail(key, f"expected a number > 0, got {_show(v)}")
-        if nonneg and v < 0:
-            self.fail(key, f"expected a number >= 0, got {_show(v)}")
-        if below_one and not 0 <= v < 1:
-            self.fail(key, f"expected a number in [0, 1), got {_show(v)}")
-        return v
+        chosen = min(found, key=rank) if found else self.default_source
+        raise ConfigError(f"{chosen}: {key}: {problem}")
 
-    def bool_(self, v: Any, key: str) -> bool:
+
+def _what_int(meta: dict) -> str:
+    return "a positive integer" if meta["ge"] == 1 else f"an integer >= {meta['ge']}"
+
+
+def _check_number(check: _Checker, v: Any, key: str, meta: dict) -> float:
+    if not _is_number(v) or not math.isfinite(float(v)):
+        check.fail(key, f"expected a finite number, got {_show(v)}")
+    v = float(v)
+    ge, gt, lt = meta["ge"], meta["gt"], meta["lt"]
+    if ge is not None and lt is not None and not ge <= v < lt:
+        check.fail(key, f"expected a number in [{ge:g}, {lt:g}), got {_show(v)}")
+    if gt is not None and v <= gt:
+        check.fail(key, f"expected a number > {gt:g}, got {_show(v)}")
+    if ge is not None and v < ge:
+        check.fail(key, f"expected a number >= {ge:g}, got {_show(v)}")
+    return v
+
+
+def _check_int(check: _Checker, v: Any, key: str, meta: dict) -> int:
+    if not _is_int(v) or v < meta["ge"]:
+        check.fail(key, f"expected {_what_int(meta)}, got {_show(v)}")
+    if meta["le"] is not None and v > meta["le"]:
+        check.fail(key, f"expected at most {meta['le']:,}, got {v}")
+    return int(v)
+
+
+def _check_dims(check: _Checker, v: Any, key: str, max_width: int) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)) or not v:
+        check.fail(key, f"expected a non-empty list of layer widths, got {_show(v)}")
+    dims = []
+    for i, h in enumerate(v):
+        if not _is_int(h) or h < 1:
+            check.fail(
+                f"{key}[{i}]", f"expected a positive integer (a layer width), got {_show(h)}"
+            )
+        if h > max_width:
+            check.fail(
+                f"{key}[{i}]",
+                f"width {h:,} exceeds the limit of {max_width:,} (limits.layer_width); "
+                "use narrower layers or raise limits.layer_width",
+            )
+        dims.append(int(h))
+    return tuple(dims)
+
+
+def _check_value(check: _Checker, v: Any, key: str, f: dataclasses.Field, limits) -> Any:
+    """One scalar value of field f, checked against its metadata -> the typed value."""
+    meta, kind = f.metadata, f.metadata["kind"]
+    if kind == "int":
+        return _check_int(check, v, key, meta)
+    if kind == "float":
+        return _check_number(check, v, key, meta)
+    if kind == "bool":
         if not isinstance(v, (bool, np.bool_)):
-            self.fail(key, f"expected true or false, got {_show(v)}")
+            check.fail(key, f"expected true or false, got {_show(v)}")
         return bool(v)
-
-    def choice(self, v: Any, key: str, choices: Sequence[str]) -> str:
-        if v not in choices or not isinstance(v, str):
-            self.fail(key, f"expected one of {', '.join(choices)}, got {_show(v)}")
+    if kind == "choice":
+        if not isinstance(v, str) or v not in meta["choices"]:
+            check.fail(key, f"expected one of {', '.join(meta['choices'])}, got {_show(v)}")
         return v
+    if kind == "dims":
+        return _check_dims(check, v, key, limits.layer_width)
+    if kind == "seed":
+        if not _is_int(v) or v < 0:
+            check.fail(key, f"expected an integer >= 0 (a seed), got {_show(v)}")
+        if v > _MAX_SEED:
+            check.fail(key, f"expected a seed <= {_MAX_SEED}, got {v}")
+        return int(v)
+    assert kind == "name", kind
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+        check.fail(key, f"expected a folder-safe name (letters, digits, _ . -), got {_show(v)}")
+    return v
 
-    def mapping(self, v: Any, key: str, allowed: Sequence[str]) -> dict:
-        where = key or "the top level"
-        if v is None:
-            return {}
-        if not isinstance(v, Mapping):
-            self.fail(key or "(top level)", f"expected a mapping of keys, got {_show(v)}")
-        for k in v:
-            if k not in allowed:
-                dotted = f"{key}.{k}" if key else str(k)
-                self.fail(dotted, f"unknown key in {where}; allowed keys are {', '.join(allowed)}")
-        return dict(v)
 
-    def grid(self, v: Any, key: str, kind: str) -> tuple:
-        """A scalar, non-empty list or {logspace|linspace: [start, stop, num]} -> tuple."""
-        if isinstance(v, Mapping):
-            if kind != "float" or len(v) != 1 or next(iter(v)) not in ("logspace", "linspace"):
-                allowed = (
-                    "a list or {logspace: [start, stop, num]}" if kind == "float" else "a list"
-                )
-                self.fail(key, f"expected a value or {allowed}, got {_show(dict(v))}")
-            ((fn, args),) = v.items()
-            if (
-                not isinstance(args, (list, tuple))
-                or len(args) != 3
-                or not all(_is_number(a) and math.isfinite(float(a)) for a in args[:2])
-                or not _is_int(args[2])
-            ):
-                self.fail(key, f"{fn}: expected [start, stop, num], got {_show(args)}")
-            if args[2] < 1:
-                self.fail(key, f"{fn}: empty grid (num = {args[2]}); use num >= 1")
-            space = np.logspace if fn == "logspace" else np.linspace
-            # An overflow (logspace up to 1e400) becomes inf, reported below as one error line,
-            # not also as a RuntimeWarning on stderr.
-            with np.errstate(over="ignore"):
-                grid = space(float(args[0]), float(args[1]), int(args[2]))
-            values = [float(x) for x in grid]
-        elif isinstance(v, (list, tuple)):
-            if not v:
-                self.fail(key, "empty grid; give at least one value")
-            values = list(v)
-        else:
-            values = [v]
-        out = []
-        for i, x in enumerate(values):
-            item = f"{key}[{i}]" if len(values) > 1 else key
-            if kind == "seed":
-                out.append(self.int_(x, item, 0, "an integer >= 0 (a seed)"))
-                if out[-1] > _MAX_SEED:
-                    self.fail(item, f"expected a seed <= {_MAX_SEED}, got {x}")
-            elif kind == "bool":
-                out.append(self.bool_(x, item))
-            else:
-                out.append(self.float_(x, item, positive=True))
-        if len(set(out)) != len(out):
-            dup = next(x for x in out if out.count(x) > 1)
-            self.fail(key, f"duplicate value {_show(dup)} in grid; list each value once")
-        return tuple(out)
+# --- grids ----------------------------------------------------------------------------------
+
+
+def _is_grid(v: Any, kind: str) -> bool:
+    """Whether a raw value is a list/grid of values rather than one value of its kind."""
+    if kind == "dims":
+        return isinstance(v, (list, tuple)) and bool(v) and isinstance(v[0], (list, tuple))
+    return isinstance(v, (list, tuple, Mapping))
+
+
+def _space(check: _Checker, v: Mapping, key: str, kind: str, limit: int) -> list[float]:
+    """{logspace|linspace: [start, stop, num]} -> its values, refused above `limit` values."""
+    if kind != "float" or len(v) != 1 or next(iter(v)) not in ("logspace", "linspace"):
+        allowed = "a list or {logspace: [start, stop, num]}" if kind == "float" else "a list"
+        check.fail(key, f"expected a value or {allowed}, got {_show(dict(v))}")
+    ((fn, args),) = v.items()
+    if (
+        not isinstance(args, (list, tuple))
+        or len(args) != 3
+        or not all(_is_number(a) and math.isfinite(float(a)) for a in args[:2])
+        or not _is_int(args[2])
+    ):
+        check.fail(key, f"{fn}: expected [start, stop, num], got {_show(args)}")
+    if args[2] < 1:
+        check.fail(key, f"{fn}: empty grid (num = {args[2]}); use num >= 1")
+    _check_grid_size(check, key, int(args[2]), limit)
+    space = np.logspace if fn == "logspace" else np.linspace
+    # An overflow (logspace up to 1e400) becomes inf, reported later as one error line, not also
+    # as a RuntimeWarning on stderr.
+    with np.errstate(over="ignore"):
+        return [float(x) for x in space(float(args[0]), float(args[1]), int(args[2]))]
+
+
+def _check_grid_size(check: _Checker, key: str, size: int, limit: int) -> None:
+    if size > limit:
+        check.fail(
+            key,
+            f"a grid of {size:,} values exceeds the limit of {limit:,} (limits.grid_values); "
+            "use fewer values or raise limits.grid_values",
+        )
+
+
+def _check_grid(check: _Checker, v: Any, key: str, f: dataclasses.Field, limits) -> tuple:
+    """A list or {logspace|linspace: ...} of field f -> tuple of checked, distinct values."""
+    kind = f.metadata["kind"]
+    if not f.metadata["axis"]:
+        check.fail(key, f"expected a single value (this key cannot be swept), got {_show(v)}")
+    if isinstance(v, Mapping):
+        raw = _space(check, v, key, kind, limits.grid_values)
+    else:
+        if not v:
+            check.fail(key, "empty grid; give at least one value")
+        _check_grid_size(check, key, len(v), limits.grid_values)
+        raw = list(v)
+    out = []
+    for i, x in enumerate(raw):
+        out.append(_check_value(check, x, f"{key}[{i}]" if len(raw) > 1 else key, f, limits))
+    if len(set(out)) != len(out):
+        dup = next(x for x in out if out.count(x) > 1)
+        shown = _show(list(dup) if isinstance(dup, tuple) else dup)
+        check.fail(key, f"duplicate value {shown} in grid; list each value once")
+    return tuple(out)
+
+
+# --- validation of a whole config -----------------------------------------------------------
+
+
+def _mapping(check: _Checker, v: Any, key: str, allowed: Sequence[str]) -> dict:
+    """A section (or the top level) as a dict whose keys are all allowed."""
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        check.fail(key or "(top level)", f"expected a mapping of keys, got {_show(v)}")
+    for k in v:
+        if k not in allowed:
+            dotted = f"{key}.{k}" if key else str(k)
+            check.fail(
+                dotted,
+                f"unknown key in {key or 'the top level'}; {_suggest(k, allowed)}"
+                f"allowed keys are {', '.join(allowed)}",
+            )
+    return dict(v)
+
+
+def _limits(check: _Checker, raw: dict) -> LimitsConfig:
+    """The limits section first: the other keys are checked against it."""
+    given = _mapping(
+        check, raw.get("limits"), "limits", [f.name for f in _section_fields("limits")]
+    )
+    values = {
+        f.name: _check_value(check, given[f.name], f"limits.{f.name}", f, None)
+        for f in _section_fields("limits")
+        if f.name in given
+    }
+    return LimitsConfig(**values)
 
 
 def _validate(raw: Any, check: _Checker) -> ExperimentConfig:
-    """Turn parsed YAML into an ExperimentConfig, checking every key, type and value."""
-    top = check.mapping(raw, "", _TOP_KEYS)
-    defaults = ExperimentConfig()
-    sections = {}
-    for sec, cls in _SECTIONS.items():
-        names = [f.name for f in dataclasses.fields(cls)]
-        sections[sec] = check.mapping(top.get(sec), sec, names)
+    """Turn merged raw YAML into an ExperimentConfig: every key, type, value, limit."""
+    top = _mapping(check, raw, "", _TOP_KEYS)
+    limits = _limits(check, top)
+    sections = {
+        s: _mapping(check, top.get(s), s, [f.name for f in _section_fields(s)])
+        for s in _SECTIONS
+        if s != "limits"
+    }
+    scalars: dict[str, Any] = {}
+    axes: dict[str, tuple] = {}
+    for key, f in _all_fields():
+        section, _, name = key.rpartition(".")
+        if section == "limits":
+            continue
+        given = sections[section] if section else top
+        if name not in given:
+            continue
+        v = given[name]
+        if _is_grid(v, f.metadata["kind"]):
+            values = _check_grid(check, v, key, f, limits)
+            scalars[key] = values[0]
+            if len(values) > 1:
+                axes[key] = values
+        else:
+            scalars[key] = _check_value(check, v, key, f, limits)
+    cfg = _build(scalars, limits, tuple((k, axes[k]) for k in AXIS_ORDER if k in axes))
+    _cross_checks(cfg, check)
+    _check_resources(cfg, check)
+    return cfg
 
-    name = top.get("name", defaults.name)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        check.fail(
-            "name", f"expected a folder-safe name (letters, digits, _ . -), got {_show(name)}"
-        )
-    seed = check.grid(top.get("seed", defaults.seed), "seed", "seed")
-    rng = check.choice(top.get("rng", defaults.rng), "rng", RNGS)
 
-    d, dd = sections["data"], defaults.data
-    pos = "a positive integer"
-    data = DataConfig(
-        num_training=check.int_(
-            d.get("num_training", dd.num_training), "data.num_training", 1, pos
-        ),
-        num_validation=check.int_(
-            d.get("num_validation", dd.num_validation), "data.num_validation", 1, pos
-        ),
-        num_test=check.int_(d.get("num_test", dd.num_test), "data.num_test", 0, "an integer >= 0"),
-        num_train=check.int_(d.get("num_train", dd.num_train), "data.num_train", 1, pos),
-        subtract_mean=check.bool_(d.get("subtract_mean", dd.subtract_mean), "data.subtract_mean"),
-    )
+def _build(scalars: dict[str, Any], limits: LimitsConfig, axes: tuple) -> ExperimentConfig:
+    """An ExperimentConfig from {dotted key: value} (missing keys at their defaults)."""
+    parts: dict[str, Any] = {k: v for k, v in scalars.items() if "." not in k}
+    for section, cls in _SECTIONS.items():
+        if section != "limits":
+            own = {k.split(".", 1)[1]: v for k, v in scalars.items() if k.startswith(section + ".")}
+            parts[section] = cls(**own)
+    return ExperimentConfig(**parts, limits=limits, axes=axes)
+
+
+def _cross_checks(cfg: ExperimentConfig, check: _Checker) -> None:
+    """The checks that relate two keys; a product of axes holds every combination, so the
+    extreme values of each axis decide."""
+    data, batch_sizes = cfg.data, cfg.values("train.batch_size")
     if data.num_training + data.num_validation > CIFAR10_TRAIN_IMAGES:
         check.fail(
             "data.num_validation",
@@ -288,144 +520,142 @@ def _validate(raw: Any, check: _Checker) -> ExperimentConfig:
             f"the {CIFAR10_TRAIN_IMAGES:,} CIFAR-10 training images; lower one of them",
             related=("data.num_training",),
         )
-    if data.num_test > CIFAR10_TEST_IMAGES:
-        check.fail(
-            "data.num_test", f"expected at most {CIFAR10_TEST_IMAGES:,}, got {data.num_test}"
-        )
     if data.num_train > data.num_training:
         check.fail(
             "data.num_train",
             f"{data.num_train} is more than data.num_training = {data.num_training}; lower it",
             related=("data.num_training",),
         )
-
-    m, md = sections["model"], defaults.model
-    hidden = m.get("hidden_dims", list(md.hidden_dims))
-    if not isinstance(hidden, (list, tuple)) or not hidden:
-        check.fail(
-            "model.hidden_dims", f"expected a non-empty list of layer widths, got {_show(hidden)}"
-        )
-    hidden = tuple(
-        check.int_(h, f"model.hidden_dims[{i}]", 1, "a positive integer (a layer width)")
-        for i, h in enumerate(hidden)
-    )
-    model = ModelConfig(
-        hidden_dims=hidden,
-        weight_scale=check.grid(
-            m.get("weight_scale", md.weight_scale), "model.weight_scale", "float"
-        ),
-        batchnorm=check.grid(m.get("batchnorm", md.batchnorm), "model.batchnorm", "bool"),
-        reg=check.float_(m.get("reg", md.reg), "model.reg", nonneg=True),
-        dtype=check.choice(m.get("dtype", md.dtype), "model.dtype", DTYPES),
-    )
-
-    t, td = sections["train"], defaults.train
-    train = TrainConfig(
-        epochs=check.int_(t.get("epochs", td.epochs), "train.epochs", 1, pos),
-        batch_size=check.int_(t.get("batch_size", td.batch_size), "train.batch_size", 1, pos),
-        update_rule=check.choice(
-            t.get("update_rule", td.update_rule), "train.update_rule", UPDATE_RULES
-        ),
-        learning_rate=check.grid(
-            t.get("learning_rate", td.learning_rate), "train.learning_rate", "float"
-        ),
-        lr_decay=check.float_(t.get("lr_decay", td.lr_decay), "train.lr_decay", positive=True),
-        sampling=check.choice(t.get("sampling", td.sampling), "train.sampling", SAMPLINGS),
-        bn_eval=check.choice(t.get("bn_eval", td.bn_eval), "train.bn_eval", BN_EVALS),
-        bn_momentum=check.float_(
-            t.get("bn_momentum", td.bn_momentum), "train.bn_momentum", below_one=True
-        ),
-        bn_eps=check.float_(t.get("bn_eps", td.bn_eps), "train.bn_eps", positive=True),
-        loss_window=check.int_(t.get("loss_window", td.loss_window), "train.loss_window", 1, pos),
-    )
-    if train.batch_size > data.num_train:
+    if max(batch_sizes) > data.num_train:
         check.fail(
             "train.batch_size",
-            f"{train.batch_size} is larger than the {data.num_train} training images "
+            f"{max(batch_sizes)} is larger than the {data.num_train} training images "
             "(data.num_train); lower it",
             related=("data.num_train",),
         )
     # Checked here, not when training starts: a config error must stop before OUT is written.
-    if rng == "cs231n" and train.sampling != "replacement":
+    samplings = cfg.values("train.sampling")
+    if cfg.rng == "cs231n" and any(s != "replacement" for s in samplings):
+        bad = next(s for s in samplings if s != "replacement")
         check.fail(
             "train.sampling",
-            f"rng=cs231n replays the reference's sampling with replacement, got "
-            f"{train.sampling!r}; set train.sampling=replacement or rng=numpy",
+            f"rng=cs231n replays the reference's sampling with replacement, got {bad!r}; "
+            "set train.sampling=replacement or rng=numpy",
             related=("rng",),
         )
-    if train.bn_eval == "population" and train.batch_size < 2 and True in model.batchnorm:
+    population = "population" in cfg.values("train.bn_eval")
+    if population and min(batch_sizes) < 2 and True in cfg.values("model.batchnorm"):
         check.fail(
             "train.bn_eval",
             "'population' statistics of batch norm need train.batch_size >= 2 (the unbiased "
-            f"variance divides by batch_size - 1), got {train.batch_size}; raise the batch size "
+            f"variance divides by batch_size - 1), got {min(batch_sizes)}; raise the batch size "
             "or use bn_eval running",
             related=("train.batch_size", "model.batchnorm"),
         )
-    return ExperimentConfig(name=name, seed=seed, rng=rng, data=data, model=model, train=train)
 
 
-# --- overrides ------------------------------------------------------------------------------
+# --- resource estimates ---------------------------------------------------------------------
 
 
-def _apply_override(raw: dict, text: str) -> str:
-    """Set one dotted `KEY=VALUE` (VALUE parsed as YAML) into raw; return the dotted key."""
+def num_runs(cfg: ExperimentConfig) -> int:
+    """Grid points of the experiment (the product of the axis lengths)."""
+    return math.prod(len(values) for _, values in cfg.axes)
+
+
+def parameter_count(hidden_dims: Sequence[int]) -> int:
+    """Parameters of one net: weights, biases and (upper bound) batch-norm gamma and beta."""
+    dims = (INPUT_DIM, *hidden_dims, NUM_CLASSES)
+    return sum(a * b + b for a, b in itertools.pairwise(dims)) + 2 * sum(hidden_dims)
+
+
+def _estimates(cfg: ExperimentConfig) -> dict[str, float]:
+    """Worst-case runs, parameters per net, total iterations and memory (MB) of an experiment.
+
+    Memory: every run's plan (float64 normals, int64 minibatch indices) and loss history exist at
+    once, plus the largest lockstep group (all runs, at worst) holding parameters, gradients and
+    two optimiser moments and snapshot (x5), and activations of ~8 arrays per hidden unit.
+    """
+    runs = num_runs(cfg)
+    params = max(parameter_count(h) for h in cfg.values("model.hidden_dims"))
+    width = max(sum(h) for h in cfg.values("model.hidden_dims"))
+    batch = max(cfg.values("train.batch_size"))
+    per_epoch = max(
+        iterations_per_epoch(cfg.data.num_train, b) for b in cfg.values("train.batch_size")
+    )
+    iterations = max(cfg.values("train.epochs")) * per_epoch
+    plan_bytes = params * 8 + iterations * (batch + 1) * 8
+    group_bytes = params * 5 * 8 + batch * width * 8 * 8
+    return {
+        "runs": runs,
+        "parameters": params,
+        "iterations": runs * iterations,
+        "memory_mb": runs * (plan_bytes + group_bytes) / 2**20,
+    }
+
+
+def _check_resources(cfg: ExperimentConfig, check: _Checker) -> None:
+    """Refuse an experiment beyond its limits, with the estimate and the limit in one line."""
+    axes = tuple(key for key, _ in cfg.axes)
+    sizes = ("model.hidden_dims", "train.epochs", "train.batch_size", "data.num_train")
+    what = {
+        "runs": ("runs", axes),
+        "parameters": ("parameters per network", ("model.hidden_dims",)),
+        "iterations": ("solver iterations over all runs", (*sizes, *axes)),
+        "memory_mb": ("MB of memory (estimated)", (*sizes, *axes)),
+    }
+    for name, estimate in _estimates(cfg).items():
+        limit = getattr(cfg.limits, name)
+        if estimate > limit:
+            unit, causes = what[name]
+            check.fail(
+                f"limits.{name}",
+                f"the experiment needs {estimate:,.0f} {unit}, more than the limit of {limit:,}; "
+                f"shrink it or raise limits.{name}",
+                related=causes,
+            )
+
+
+# --- layers: default experiment, files, overrides -------------------------------------------
+
+
+def _merge(base: dict, layer: Mapping, origin: dict[str, str], source: str) -> dict:
+    """base updated by one layer, section by section (a later layer wins key by key)."""
+    merged = dict(base)
+    for key, value in layer.items():
+        if key in _SECTIONS and isinstance(value, Mapping):
+            previous = merged.get(key)
+            merged[key] = {**previous, **value} if isinstance(previous, Mapping) else dict(value)
+            for sub in value:
+                origin[f"{key}.{sub}"] = source
+        else:
+            merged[key] = value
+            origin[str(key)] = source
+    return merged
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """One dotted `KEY=VALUE` (VALUE parsed as YAML) -> (dotted key, value)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        raise ConfigError(f"{_override_label(text)}: expected KEY=VALUE, e.g. train.epochs=3")
     key, _, value_text = text.partition("=")
     key = key.strip()
     parts = key.split(".")
-    known_key = (len(parts) == 1 and key in _TOP_KEYS) or (
-        len(parts) == 2
-        and parts[0] in _SECTIONS
-        and parts[1] in {f.name for f in dataclasses.fields(_SECTIONS[parts[0]])}
-    )
-    if not known_key:
-        known = [k for k in _TOP_KEYS if k not in _SECTIONS] + [
-            f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
-        ]
+    known = [k for k in _TOP_KEYS if k not in _SECTIONS] + [
+        f"{s}.{f.name}" for s in _SECTIONS for f in _section_fields(s)
+    ]
+    if key not in known and key not in _SECTIONS:
         raise ConfigError(
-            f"override {text!r}: unknown key {key!r}; known keys are {', '.join(known)}"
+            f"{_override_label(text)}: unknown key {key!r}; {_suggest(key, known)}"
+            f"known keys are {', '.join(known)}"
         )
-    value = parse_yaml(value_text, f"override {text!r}")
+    value = parse_yaml(value_text, f"{_override_label(text)}")
     if len(parts) == 1:
-        if key in _SECTIONS and isinstance(value, Mapping) and isinstance(raw.get(key), Mapping):
-            raw[key] = {**raw[key], **value}  # data={num_train: 500} changes only that key
-        else:
-            raw[key] = value
-    else:
-        section = raw.get(parts[0])
-        if section is None:
-            section = raw[parts[0]] = {}
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"override {text!r}: {parts[0]} is not a mapping in the config")
-        raw[parts[0]] = {**section, parts[1]: value}
-    return key
+        return key, value
+    return parts[0], {parts[1]: value}
 
 
-# --- public API -----------------------------------------------------------------------------
-
-
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Load, override and validate an experiment config.
-
-    Parameters
-    ----------
-    path : YAML file, or None for the built-in defaults (the reference initialization sweep).
-    overrides : dotted ``KEY=VALUE`` strings applied in order; VALUE is parsed as YAML
-        (``train.epochs=3``, ``model.weight_scale=[1e-3,1e-2]``, ``seed=7``).
-
-    Returns
-    -------
-    ExperimentConfig
-
-    Raises
-    ------
-    ConfigError : missing/unreadable file, malformed YAML (with line and column), unknown key,
-        wrong type or impossible value; the message names the file or override and the key.
-    """
-    if path is None:
-        return _load_raw({}, "built-in defaults", overrides)
-    path = Path(path)
+def _read_file(path: Path) -> dict:
+    """A config file's top-level mapping; a missing, unreadable or empty file is an error."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -433,27 +663,81 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc}); check the -c path") from None
     raw = parse_yaml(text, str(path))
-    return _load_raw(raw, str(path), overrides)
-
-
-def _load_raw(raw: Any, source: str, overrides: Sequence[str]) -> ExperimentConfig:
     if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
         raise ConfigError(
-            f"{source}: expected a mapping of keys at the top level, got {_show(raw)}"
+            f"{path}: the config file is empty; give the keys to change (the others come from "
+            "the command's default experiment)"
         )
-    raw = dict(raw)
-    applied: dict[str, str] = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {_show(raw)}")
+    return dict(raw)
+
+
+def _default_layer(command: str) -> tuple[dict, str]:
+    """The command's default experiment as raw YAML and its source name."""
+    path = default_config_path(command)
+    if path is not None:
+        return _read_file(path), str(path)
+    return dict(_BUILTIN[command]), f"built-in {command} config"
+
+
+def _load_layers(layers: Sequence[tuple[dict, str]], overrides: Sequence[str]) -> ExperimentConfig:
+    """Merge raw layers in order, then overrides, and validate; errors name the layer."""
+    origin: dict[str, str] = {}
+    raw: dict = {}
+    for layer, source in layers:
+        raw = _merge(raw, layer, origin, source)
     for text in overrides:
-        applied[_apply_override(raw, text)] = text
-    return _validate(raw, _Checker(source, applied))
+        key, value = _parse_override(text)
+        if key in _SECTIONS and not isinstance(raw.get(key) or {}, Mapping):
+            raise ConfigError(f"{_override_label(text)}: {key} is not a mapping in the config")
+        raw = _merge(raw, {key: value}, origin, f"{_override_label(text)}")
+    default_source = layers[0][1]
+    return _validate(raw, _Checker(origin, default_source))
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def load_config(
+    paths: str | Path | Sequence[str | Path] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    command: str = "sweep-init",
+) -> ExperimentConfig:
+    """Load, layer, override and validate an experiment config.
+
+    Parameters
+    ----------
+    paths : YAML file(s), applied in order over the command's default experiment (a later file
+        wins key by key); None or () for the default alone.
+    overrides : dotted ``KEY=VALUE`` strings applied last, in order; VALUE is parsed as YAML
+        (``train.epochs=3``, ``model.weight_scale=[1e-3,1e-2]``, ``limits.runs=50000``).
+    command : 'train' (default experiment bn_vs_baseline) or 'sweep-init' (the init sweep).
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ConfigError : missing, unreadable or empty file, malformed YAML (with line and column),
+        unknown key (with the closest valid one), wrong type, impossible value or an experiment
+        beyond its `limits`; the message names the file or override and the key.
+    """
+    if paths is None:
+        paths = ()
+    elif isinstance(paths, (str, Path)):
+        paths = (paths,)
+    layers = [_default_layer(command)]
+    layers += [(_read_file(Path(p)), str(p)) for p in paths]
+    return _load_layers(layers, overrides)
 
 
 def default_config_path(command: str) -> Path | None:
     """The repo's config file for a command ('train' or 'sweep-init'), or None when not present.
 
-    None happens for an installed wheel; then `load_default_config` uses the built-in copy.
+    None happens for an installed wheel; then the built-in copy is used.
     """
     if command not in _DEFAULT_FILES:
         raise ValueError(
@@ -465,36 +749,38 @@ def default_config_path(command: str) -> Path | None:
 
 def load_default_config(command: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """The default experiment of a command: the repo's YAML if present, else the built-in copy."""
-    path = default_config_path(command)
-    if path is not None:
-        return load_config(path, overrides)
-    return _load_raw(dict(_BUILTIN[command]), f"built-in {command} config", overrides)
+    return load_config(None, overrides, command=command)
 
 
 def builtin_config(command: str) -> ExperimentConfig:
     """The built-in default experiment of a command (what an installed wheel uses)."""
-    return _load_raw(dict(_BUILTIN[command]), f"built-in {command} config", ())
+    return _load_layers([(dict(_BUILTIN[command]), f"built-in {command} config")], ())
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain YAML/JSON types (tuples as lists)."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:
-    """The resolved config as plain YAML/JSON types, grids as explicit lists."""
-    return {
-        "name": cfg.name,
-        "seed": list(cfg.seed),
-        "rng": cfg.rng,
-        "data": dataclasses.asdict(cfg.data),
-        "model": {
-            "hidden_dims": list(cfg.model.hidden_dims),
-            "weight_scale": list(cfg.model.weight_scale),
-            "batchnorm": list(cfg.model.batchnorm),
-            "reg": cfg.model.reg,
-            "dtype": cfg.model.dtype,
-        },
-        "train": {
-            **dataclasses.asdict(cfg.train),
-            "learning_rate": list(cfg.train.learning_rate),
-        },
-    }
+    """The resolved config as plain YAML/JSON types, axes as explicit lists.
+
+    The notebook's four grid keys are always lists; `limits` appears only when changed.
+    """
+    out: dict[str, Any] = {}
+    for key, _ in _all_fields():
+        section, _, name = key.rpartition(".")
+        if section == "limits":
+            continue
+        values = cfg.values(key)
+        listed = key in _ALWAYS_LISTED or len(values) > 1
+        value = _plain(list(values) if listed else values[0])
+        (out.setdefault(section, {}) if section else out)[name] = value
+    if cfg.limits != LimitsConfig():
+        out["limits"] = dataclasses.asdict(cfg.limits)
+    return out
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:
@@ -502,72 +788,56 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
     return dump_yaml(config_to_dict(cfg))
 
 
-def expand_runs(cfg: ExperimentConfig) -> list[RunConfig]:
-    """The cartesian product of the grids, in a fixed order.
+def _resolve(cfg: ExperimentConfig, point: tuple[tuple[str, Any], ...]) -> ExperimentConfig:
+    """The experiment at one grid point: each swept key set to its value, no axes left."""
+    top: dict[str, Any] = {"axes": ()}
+    sections: dict[str, dict] = {}
+    for key, value in point:
+        section, _, name = key.rpartition(".")
+        if section:
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[name] = value
+    for section, values in sections.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **values)
+    return dataclasses.replace(cfg, **top)
 
-    Seed outermost, then learning_rate, then weight_scale, then batchnorm innermost, each axis in
-    its listed order: the sweep goes scale by scale, BN run then baseline, as the reference
-    notebook does (which the rng=cs231n replay depends on).
+
+def expand_runs(cfg: ExperimentConfig) -> list[Run]:
+    """The cartesian product of the axes, in the fixed order of `AXIS_ORDER`.
+
+    Seed outermost, then learning_rate, then weight_scale, then batchnorm, then the other swept
+    keys, each axis in its listed order: the init sweep goes scale by scale, BN run then baseline,
+    as the reference notebook does (which the rng=cs231n replay depends on).
     """
-    m, t = cfg.model, cfg.train
+    keys = [key for key, _ in cfg.axes]
     runs = []
-    for index, (seed, lr, scale, bn) in enumerate(
-        itertools.product(cfg.seed, t.learning_rate, m.weight_scale, m.batchnorm)
-    ):
-        runs.append(
-            RunConfig(
-                index=index,
-                seed=seed,
-                rng=cfg.rng,
-                data=cfg.data,
-                hidden_dims=m.hidden_dims,
-                weight_scale=scale,
-                batchnorm=bn,
-                reg=m.reg,
-                dtype=m.dtype,
-                epochs=t.epochs,
-                batch_size=t.batch_size,
-                update_rule=t.update_rule,
-                learning_rate=lr,
-                lr_decay=t.lr_decay,
-                sampling=t.sampling,
-                bn_eval=t.bn_eval,
-                bn_momentum=t.bn_momentum,
-                bn_eps=t.bn_eps,
-                loss_window=t.loss_window,
-            )
-        )
+    for index, values in enumerate(itertools.product(*(v for _, v in cfg.axes))):
+        point = tuple(zip(keys, values, strict=True))
+        resolved = _resolve(cfg, point)
+        runs.append(Run(index=index, seed=resolved.seed, point=point, cfg=resolved))
     return runs
 
 
-def run_config_dict(run: RunConfig) -> dict:
-    """A run as JSON/YAML types (Python ints, floats, bools, lists), nested as the config."""
+def _plain_section(section: str, obj: Any) -> dict:
+    """One section of a run's settings: the id keys always, a newer key only when not default."""
+    out = {}
+    for f in _section_fields(section):
+        value = getattr(obj, f.name)
+        if f"{section}.{f.name}" in _ID_KEYS or value != f.default:
+            out[f.name] = _plain(value)
+    return out
+
+
+def run_config_dict(run: Run) -> dict:
+    """A run's settings as JSON/YAML types (Python ints, floats, bools, lists), nested as the
+    config; the run id hashes this (keys added later are left out at their defaults)."""
+    cfg = run.cfg
     return {
         "index": int(run.index),
-        "seed": int(run.seed),
-        "rng": run.rng,
-        "data": {
-            k: v if isinstance(v, bool) else int(v) for k, v in dataclasses.asdict(run.data).items()
-        },
-        "model": {
-            "hidden_dims": [int(h) for h in run.hidden_dims],
-            "weight_scale": float(run.weight_scale),
-            "batchnorm": bool(run.batchnorm),
-            "reg": float(run.reg),
-            "dtype": run.dtype,
-        },
-        "train": {
-            "epochs": int(run.epochs),
-            "batch_size": int(run.batch_size),
-            "update_rule": run.update_rule,
-            "learning_rate": float(run.learning_rate),
-            "lr_decay": float(run.lr_decay),
-            "sampling": run.sampling,
-            "bn_eval": run.bn_eval,
-            "bn_momentum": float(run.bn_momentum),
-            "bn_eps": float(run.bn_eps),
-            "loss_window": int(run.loss_window),
-        },
+        "seed": int(cfg.seed),
+        "rng": cfg.rng,
+        **{s: _plain_section(s, getattr(cfg, s)) for s in ("data", "model", "train")},
     }
 
 
@@ -577,16 +847,25 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def run_id(run: RunConfig, cfg: ExperimentConfig) -> str:
+def run_id(run: Run, cfg: ExperimentConfig, runs: Sequence[Run] | None = None) -> str:
     """12 hex chars identifying a run's results.
 
     rng=numpy: a hash of the run's settings without its index, so growing a grid keeps the ids
     (and the finished results) of the runs already done. rng=cs231n: a run's random draws depend
-    on every run replayed before it, so the id also covers its index and the whole run list.
+    on every run replayed before it, so the id also covers its index and the whole run list
+    (`runs`, default `expand_runs(cfg)`).
     """
     d = run_config_dict(run)
-    if run.rng == "cs231n":
-        d["replay"] = _digest([run_config_dict(r) for r in expand_runs(cfg)])
+    if cfg.rng == "cs231n":
+        d["replay"] = _digest([run_config_dict(r) for r in (runs or expand_runs(cfg))])
     else:
         del d["index"]
     return _digest(d)[:12]
+
+
+def run_ids(cfg: ExperimentConfig, runs: Sequence[Run]) -> list[str]:
+    """`run_id` of every run of `expand_runs(cfg)` (the replay digest computed once)."""
+    if cfg.rng != "cs231n":
+        return [run_id(r, cfg) for r in runs]
+    replay = _digest([run_config_dict(r) for r in runs])
+    return [_digest({**run_config_dict(r), "replay": replay})[:12] for r in runs]

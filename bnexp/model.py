@@ -9,8 +9,9 @@ it. The layers (`bnexp.layers`) reduce over the batch axis only, so the K networ
 The first layer has a second, *wide* layout for lockstep training on a shared minibatch: ``W1`` as
 (input_dim, K * H1), the K weight matrices side by side (`to_wide`), so the whole stack's first
 layer is one large matrix product ``X (N, input_dim) @ W1 (input_dim, K * H1)``, and its weight
-gradient another one, ``X.T @ dA1``. Pass ``wide=True`` to use it; every other array keeps the
-stacked layout. The gradient with respect to the input images is never computed.
+gradient another one, ``X.T @ dA1``. The functions below recognise it from the shapes (`is_wide`:
+a 2-D ``W1`` with a stacked (K, H1) ``b1``); every other array keeps the stacked layout. The
+gradient with respect to the input images is never computed.
 
 Batch-norm state (running mean/variance, momentum, eps) is a list of `bn_param` dicts, one per
 hidden layer, as in CS231n; its conventions are documented in `bnexp.layers.batchnorm_forward`.
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnexp import layers
+
+#: Parameter dtypes a net can be stored and trained in.
+DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,21 @@ def from_wide(w1: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(w1.reshape(d, k, kh // k).transpose(1, 0, 2))
 
 
-def _first_layer(params: dict, X: np.ndarray, wide: bool):
+def is_wide(params: dict) -> bool:
+    """Whether params hold a stack's first layer in the wide layout: W1 (D, K*H), b1 (K, H)."""
+    return params["W1"].ndim == 2 and params["b1"].ndim == 2
+
+
+@dataclass(frozen=True)
+class _WideCache:
+    """The first layer's affine cache in the wide layout (tells `backward` to un-widen)."""
+
+    cache: tuple
+
+
+def _first_layer(params: dict, X: np.ndarray):
     """First affine layer in either layout -> (out (..., N, H1) stacked, cache)."""
-    if not wide:
+    if not is_wide(params):
         return layers.affine_forward(X, params["W1"], params["b1"])
     b1 = params["b1"]
     if X.ndim != 2 or b1.ndim != 2:
@@ -167,7 +183,7 @@ def _first_layer(params: dict, X: np.ndarray, wide: bool):
     k, h = b1.shape
     out, cache = layers.affine_forward(X, params["W1"], b1.reshape(k * h))
     # (N, K*H) -> (K, N, H): one copy of the activations so the later layers see contiguous stacks.
-    return np.ascontiguousarray(out.reshape(X.shape[0], k, h).transpose(1, 0, 2)), cache
+    return np.ascontiguousarray(out.reshape(X.shape[0], k, h).transpose(1, 0, 2)), _WideCache(cache)
 
 
 def forward(
@@ -177,14 +193,13 @@ def forward(
     bn_params: list[dict],
     bn_mode: str,
     *,
-    wide: bool = False,
     keep_caches: bool = True,
 ):
     """Class scores of every network of the stack.
 
     Parameters
     ----------
-    spec, params : architecture and parameters (stacked, ``W1`` wide when `wide`).
+    spec, params : architecture and parameters (stacked, ``W1`` possibly wide).
     X : (N, D) shared inputs, or (K, N, D) one minibatch per network (stacked layout only).
     bn_params : list of bn_param dicts (see `init_bn_params`); their ``mode`` is set to `bn_mode`
         ('train' updates running stats, 'batch' uses the batch's own stats, 'test' the running
@@ -201,7 +216,7 @@ def forward(
     h = None
     for layer in range(1, spec.num_layers + 1):
         if layer == 1:
-            a, affine_cache = _first_layer(params, X, wide)
+            a, affine_cache = _first_layer(params, X)
         else:
             a, affine_cache = layers.affine_forward(h, params[f"W{layer}"], params[f"b{layer}"])
         if layer == spec.num_layers:
@@ -221,7 +236,7 @@ def forward(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def backward(spec: NetSpec, dscores: np.ndarray, caches: list, *, wide: bool = False) -> dict:
+def backward(spec: NetSpec, dscores: np.ndarray, caches: list) -> dict:
     """Gradients of every parameter from the score gradient (..., N, C); no input gradient."""
     grads = {}
     dout = dscores
@@ -237,22 +252,22 @@ def backward(spec: NetSpec, dscores: np.ndarray, caches: list, *, wide: bool = F
             dout, grads[f"W{layer}"], grads[f"b{layer}"] = layers.affine_backward(
                 dout, affine_cache
             )
-        elif wide:
+        elif isinstance(affine_cache, _WideCache):
             k, n, h = dout.shape
             d_wide = dout.transpose(1, 0, 2).reshape(n, k * h)
-            _, grads["W1"], db = layers.affine_backward(d_wide, affine_cache, need_dx=False)
+            _, grads["W1"], db = layers.affine_backward(d_wide, affine_cache.cache, need_dx=False)
             grads["b1"] = db.reshape(k, h)
         else:
             _, grads["W1"], grads["b1"] = layers.affine_backward(dout, affine_cache, need_dx=False)
     return grads
 
 
-def l2_loss(spec: NetSpec, params: dict, reg: float, *, wide: bool = False):
+def l2_loss(spec: NetSpec, params: dict, reg: float):
     """L2 penalty ``0.5 * reg * sum(W**2)`` over weights only -> (loss (...,), grads of the W's)."""
     loss, grads = 0.0, {}
     for layer in range(1, spec.num_layers + 1):
         w = params[f"W{layer}"]
-        if layer == 1 and wide:
+        if layer == 1 and is_wide(params):
             k = params["b1"].shape[0]
             w = w.reshape(w.shape[0], k, -1).transpose(1, 0, 2)  # per-network view (K, D, H)
             penalty, dw = layers.l2_penalty(w, reg)
@@ -272,13 +287,12 @@ def loss_and_grads(
     bn_params: list[dict],
     *,
     reg: float = 0.0,
-    wide: bool = False,
 ):
     """Training-mode loss and gradients of every network (CS231n ``FullyConnectedNet.loss``).
 
     Parameters
     ----------
-    spec, params : architecture and parameters (stacked; ``W1`` wide when `wide`).
+    spec, params : architecture and parameters (stacked; ``W1`` possibly wide).
     X : (N, D) shared minibatch or (K, N, D) one per network (stacked layout).
     y : (N,) or (K, N) integer labels.
     bn_params : bn_param dicts; updated in place with the new running statistics.
@@ -289,20 +303,18 @@ def loss_and_grads(
     loss : (...) per-network mean softmax loss plus the L2 penalty.
     grads : dict with params' keys and shapes.
     """
-    scores, caches = forward(spec, params, X, bn_params, "train", wide=wide)
+    scores, caches = forward(spec, params, X, bn_params, "train")
     loss, dscores = layers.softmax_loss(scores, y)
-    grads = backward(spec, dscores, caches, wide=wide)
+    grads = backward(spec, dscores, caches)
     if reg:
-        penalty, reg_grads = l2_loss(spec, params, reg, wide=wide)
+        penalty, reg_grads = l2_loss(spec, params, reg)
         loss = loss + penalty
         for key, dw in reg_grads.items():
             grads[key] = grads[key] + dw
     return loss, grads
 
 
-def predict(
-    spec: NetSpec, params: dict, X: np.ndarray, bn_params: list[dict], *, wide: bool = False
-) -> np.ndarray:
+def predict(spec: NetSpec, params: dict, X: np.ndarray, bn_params: list[dict]) -> np.ndarray:
     """Predicted classes (..., N) in test mode: batch norm uses the running statistics."""
-    scores, _ = forward(spec, params, X, bn_params, "test", wide=wide, keep_caches=False)
+    scores, _ = forward(spec, params, X, bn_params, "test", keep_caches=False)
     return scores.argmax(axis=-1)

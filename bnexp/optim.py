@@ -212,3 +212,6 @@ def _adam_inplace(w, dw, state, defaults, scratch):
 
 
 UPDATE_RULES = {"sgd": sgd, "sgd_momentum": sgd_momentum, "adam": adam}
+
+#: The arrays each rule keeps in its state, of the parameter's shape (zeroed to reset a network).
+STATE_ARRAYS = {"sgd": (), "sgd_momentum": ("velocity",), "adam": ("m", "v")}

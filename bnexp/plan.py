@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnexp.errors import ConfigError
-
 if TYPE_CHECKING:
     from bnexp.model import NetSpec
 
@@ -34,6 +32,10 @@ if TYPE_CHECKING:
 #: every iteration (CS231n's Solver); ``shuffle`` walks a fresh permutation of the training set per
 #: epoch in consecutive slices (each image once per epoch, the usual deep-learning loader).
 SAMPLING_MODES = ("replacement", "shuffle")
+
+#: Where a run's random numbers come from: ``numpy`` (`numpy_plan`, per-run SeedSequence streams)
+#: or ``cs231n`` (`cs231n_plans`, the notebook's legacy global generator replayed).
+RNG_MODES = ("numpy", "cs231n")
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,12 @@ def iterations_per_epoch(num_train: int, batch_size: int) -> int:
 
 
 def _check_sizes(num_iterations: int, batch_size: int, num_train: int) -> None:
-    """Reject sizes no plan can satisfy, naming the offending value."""
-    if num_train < 1:
-        raise ConfigError(
-            f"num_train must be >= 1, got {num_train}: use a non-empty training subset"
-        )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}: set solver.batch_size")
-    if num_iterations < 0:
-        raise ConfigError(f"num_iterations must be >= 0, got {num_iterations}")
+    """Sizes every plan needs (`bnexp.config` guarantees them for an experiment's runs)."""
+    assert num_train >= 1 and batch_size >= 1 and num_iterations >= 0, (
+        num_train,
+        batch_size,
+        num_iterations,
+    )
 
 
 def numpy_plan(
@@ -110,12 +109,7 @@ def numpy_plan(
     if sampling == "replacement":
         indices = batches_rng.integers(0, num_train, size=(num_iterations, batch_size))
     elif sampling == "shuffle":
-        if batch_size > num_train:
-            raise ConfigError(
-                "sampling 'shuffle' needs batch_size <= num_train, "
-                f"got {batch_size} > {num_train}: "
-                "lower solver.batch_size or use sampling 'replacement'"
-            )
+        assert batch_size <= num_train, (batch_size, num_train)  # a config cross-check
         per_epoch = iterations_per_epoch(num_train, batch_size)
         num_epochs = -(-num_iterations // per_epoch)  # ceil: a partial last epoch still needs one
         slices = []
@@ -124,9 +118,7 @@ def numpy_plan(
             slices.extend(perm[i * batch_size : (i + 1) * batch_size] for i in range(per_epoch))
         indices = np.array(slices[:num_iterations]).reshape(num_iterations, batch_size)
     else:
-        raise ConfigError(
-            f"unknown sampling mode {sampling!r}: choose one of {', '.join(SAMPLING_MODES)}"
-        )
+        raise AssertionError(f"sampling {sampling!r} is not one of {SAMPLING_MODES}")
     return RunPlan(normals=normals, batch_indices=indices.astype(np.int64))
 
 

@@ -13,13 +13,9 @@ Every file is written to a temporary file in the same folder and moved into plac
 `os.replace`, so a reader (or a Ctrl-C) never sees half a file. A run's ``summary.json`` is written
 last: its presence marks the run finished, and a re-run skips it.
 
-A summary.json holds (written by bnexp.sweep; the plots and results.csv read these names):
-run_id, index, batchnorm, weight_scale, learning_rate, seed, rng, hidden_dims, dtype, num_train,
-num_val, num_test, epochs, batch_size, iterations_per_epoch, update_rule, train_acc_history and
-val_acc_history (epochs + 1 values, null where not evaluated after a divergence),
-check_iterations, test_acc, loss_history (one per iteration, null when not finite),
-best_train_acc, best_val_acc, final_train_loss (mean of the last loss_window losses, null if not
-finite), diverged, diverged_iteration, status ("ok" | "diverged"), seconds.
+A summary.json holds the fields of `SUMMARY_FIELDS` (written by bnexp.sweep; the plots, the
+summary table and results.csv read these names): the table lists each field with the test its
+value must pass and what it means; results.csv has the columns of `results_columns`.
 """
 
 from __future__ import annotations
@@ -47,6 +43,8 @@ import numpy as np
 from bnexp.errors import BnexpError, OutputError
 from bnexp.yamlfile import dump_yaml
 
+#: results.csv columns, always present and in this order; `results_columns` appends one column
+#: per other swept key (named by its dotted key, e.g. ``train.batch_size``).
 RESULTS_COLUMNS = (
     "run_id",
     "batchnorm",
@@ -61,6 +59,31 @@ RESULTS_COLUMNS = (
     "seed",
     "test_acc",
 )
+#: Swept keys that already have a column of RESULTS_COLUMNS.
+_AXIS_COLUMNS = {
+    "seed": "seed",
+    "model.weight_scale": "weight_scale",
+    "model.batchnorm": "batchnorm",
+    "train.learning_rate": "learning_rate",
+}
+
+
+def results_columns(summaries: Sequence[dict]) -> tuple[str, ...]:
+    """RESULTS_COLUMNS, then every other swept key of the summaries' ``axes`` (first seen first)."""
+    extra: dict[str, None] = {}
+    for s in summaries:
+        axes = s.get("axes")
+        for key in axes if isinstance(axes, dict) else ():
+            if key not in _AXIS_COLUMNS:
+                extra[key] = None
+    return RESULTS_COLUMNS + tuple(extra)
+
+
+def results_cell(summary: dict, column: str) -> Any:
+    """The value of one results.csv column for a summary (a swept key's value from ``axes``)."""
+    if column in RESULTS_COLUMNS:
+        return summary.get(column)
+    return (summary.get("axes") or {}).get(column)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -379,46 +402,76 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-# What the plots, the summary table and results.csv read from a summary.json: key -> (test of a
-# present value, what was expected). A missing key is allowed (older or hand-made records).
-_SUMMARY_FIELDS = {
-    "batchnorm": (lambda v: isinstance(v, bool), "true or false"),
-    "diverged": (lambda v: isinstance(v, bool), "true or false"),
-    "weight_scale": (lambda v: _is_num(v) and 0 < v < math.inf, "a number > 0"),
-    "learning_rate": (lambda v: v is None or (_is_num(v) and 0 < v < math.inf), "a number > 0"),
-    "seed": (lambda v: v is None or _is_int(v), "an integer"),
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _opt_int(v: Any) -> bool:
+    return v is None or (_is_int(v) and v >= 0)
+
+
+def _opt_num(v: Any) -> bool:
+    return v is None or _is_num(v)
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _num_list(v: Any) -> bool:
+    return isinstance(v, list) and all(x is None or _is_num(x) for x in v)
+
+
+_INT, _NUM, _STR = "an integer >= 0 or null", "a number or null", "a string or null"
+_LIST = "a list of numbers (null where missing)"
+
+#: The one schema of a run's summary.json, in the order it is written: field -> (test of a present
+#: value, what was expected, meaning). A missing field is allowed when reading (older or
+#: hand-made records); bnexp.sweep writes exactly these fields (a test holds it).
+SUMMARY_FIELDS = {
+    "run_id": (_opt_str, _STR, "hash of the run's settings (`bnexp.config.run_id`)"),
+    "index": (_opt_int, _INT, "position in the experiment's run list"),
+    "batchnorm": (_bool, "true or false", "batch norm in the net"),
+    "weight_scale": (lambda v: _is_num(v) and 0 < v < math.inf, "a number > 0", "init scale"),
+    "learning_rate": (
+        lambda v: v is None or (_is_num(v) and 0 < v < math.inf),
+        "a number > 0",
+        "initial learning rate",
+    ),
+    "seed": (lambda v: v is None or _is_int(v), "an integer", "root seed of the run"),
+    "rng": (_opt_str, _STR, "numpy | cs231n"),
     "hidden_dims": (
         lambda v: v is None or (isinstance(v, list) and all(_is_int(h) for h in v)),
         "a list of integers",
+        "hidden layer widths",
     ),
-    **{
-        key: (lambda v: v is None or _is_num(v), "a number or null")
-        for key in ("best_train_acc", "best_val_acc", "final_train_loss", "test_acc", "seconds")
-    },
-    **{
-        key: (
-            lambda v: isinstance(v, list) and all(x is None or _is_num(x) for x in v),
-            "a list of numbers (null where missing)",
-        )
-        for key in ("loss_history", "train_acc_history", "val_acc_history")
-    },
-    **{
-        key: (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null")
-        for key in (
-            "index",
-            "num_train",
-            "num_val",
-            "num_test",
-            "epochs",
-            "batch_size",
-            "iterations_per_epoch",
-            "diverged_iteration",
-        )
-    },
-    **{
-        key: (lambda v: v is None or isinstance(v, str), "a string or null")
-        for key in ("run_id", "rng", "dtype", "update_rule", "sampling", "bn_eval", "status")
-    },
+    "dtype": (_opt_str, _STR, "parameter dtype"),
+    "num_train": (_opt_int, _INT, "training images"),
+    "num_val": (_opt_int, _INT, "validation images"),
+    "num_test": (_opt_int, _INT, "test images (null without a test split)"),
+    "epochs": (_opt_int, _INT, "epochs"),
+    "batch_size": (_opt_int, _INT, "minibatch size"),
+    "iterations_per_epoch": (_opt_int, _INT, "solver iterations per epoch"),
+    "update_rule": (_opt_str, _STR, "sgd | sgd_momentum | adam"),
+    "sampling": (_opt_str, _STR, "replacement | shuffle"),
+    "bn_eval": (_opt_str, _STR, "running | population | batch"),
+    "axes": (
+        lambda v: isinstance(v, dict),
+        "a mapping",
+        "the run's value of every swept key, by dotted key",
+    ),
+    "train_acc_history": (_num_list, _LIST, "train accuracy per check (epochs + 1 values)"),
+    "val_acc_history": (_num_list, _LIST, "val accuracy per check (null after a divergence)"),
+    "check_iterations": (_num_list, _LIST, "1-based iteration of each check"),
+    "test_acc": (_opt_num, _NUM, "test accuracy of the best-val snapshot"),
+    "loss_history": (_num_list, _LIST, "minibatch loss per iteration (null when not finite)"),
+    "best_train_acc": (_opt_num, _NUM, "highest train accuracy over the checks"),
+    "best_val_acc": (_opt_num, _NUM, "highest val accuracy (from 0.0, as the Solver)"),
+    "final_train_loss": (_opt_num, _NUM, "mean of the last loss_window losses"),
+    "diverged": (_bool, "true or false", "a minibatch loss was not finite"),
+    "diverged_iteration": (_opt_int, _INT, "iteration of the first non-finite loss"),
+    "status": (_opt_str, _STR, "ok | diverged"),
+    "seconds": (_opt_num, _NUM, "the lockstep group's wall time divided by its size"),
 }
 
 
@@ -426,7 +479,7 @@ def summary_problem(summary: Any) -> str | None:
     """What is wrong with a parsed summary.json ('key: expected ..., got ...'), None if nothing."""
     if not isinstance(summary, dict):
         return f"expected a JSON object, got {type(summary).__name__}"
-    for key, (ok, what) in _SUMMARY_FIELDS.items():
+    for key, (ok, what, _) in SUMMARY_FIELDS.items():
         if key in summary and not ok(summary[key]):
             shown = json.dumps(summary[key])
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
@@ -598,12 +651,13 @@ def _csv_cell(value: Any) -> str:
 
 
 def results_csv_text(summaries: Sequence[dict]) -> str:
-    """The results.csv text: a header of RESULTS_COLUMNS, one row per summary in the given order."""
+    """results.csv text: a header of `results_columns`, one row per summary in the given order."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(RESULTS_COLUMNS)
+    columns = results_columns(summaries)
+    writer.writerow(columns)
     for s in summaries:
-        writer.writerow([_csv_cell(s.get(col)) for col in RESULTS_COLUMNS])
+        writer.writerow([_csv_cell(results_cell(s, col)) for col in columns])
     return buf.getvalue()
 
 

@@ -25,29 +25,31 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bnexp import records
 from bnexp.config import (
+    INPUT_DIM,
+    NUM_CLASSES,
     ExperimentConfig,
-    RunConfig,
+    Run,
     config_to_yaml,
     expand_runs,
     run_config_dict,
-    run_id,
+    run_ids,
 )
 from bnexp.errors import ConfigError
 from bnexp.executor import execute
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, cs231n_plans, iterations_per_epoch, numpy_plan
-from bnexp.train import Member, RunResult, SolverSettings, TrainData, train_group
+from bnexp.train import Member, RunResult, SolverSettings, train_group
 
-#: CIFAR-10 images flattened channel-major, and its classes.
-INPUT_DIM = 3 * 32 * 32
-NUM_CLASSES = 10
+#: Settings that differ between the networks of one lockstep group (each member carries its own);
+#: any other difference (shapes, batch size, layer kinds, solver) starts a separate group.
+PER_NETWORK_KEYS = ("seed", "model.weight_scale", "train.learning_rate")
 
 
 @dataclass(frozen=True)
@@ -64,103 +66,105 @@ class ExperimentResult:
 # --- runs -> specs, settings, plans ---------------------------------------------------------
 
 
-def net_spec(run: RunConfig) -> NetSpec:
-    """The architecture of a run."""
+def net_spec(cfg: ExperimentConfig) -> NetSpec:
+    """The architecture of a run (`cfg` resolved at its grid point)."""
     return NetSpec(
         input_dim=INPUT_DIM,
-        hidden_dims=tuple(run.hidden_dims),
+        hidden_dims=tuple(cfg.model.hidden_dims),
         num_classes=NUM_CLASSES,
-        batchnorm=run.batchnorm,
+        batchnorm=cfg.model.batchnorm,
     )
 
 
-def solver_settings(run: RunConfig) -> SolverSettings:
-    """Solver settings of a run (the learning rate travels with the group member).
+def solver_settings(cfg: ExperimentConfig) -> SolverSettings:
+    """Solver settings of a run (`cfg` resolved at its grid point).
 
     rng=cs231n replays the reference exactly, which rounds its initial weights to the model dtype
     but computes in float64 (its data is float64 and NumPy upcasts); rng=numpy computes in the
     model dtype itself (float32 by default: the fast path).
     """
-    replay = run.rng == "cs231n"
+    t = cfg.train
     return SolverSettings(
-        epochs=run.epochs,
-        batch_size=run.batch_size,
-        update_rule=run.update_rule,
-        learning_rate=run.learning_rate,
-        lr_decay=run.lr_decay,
-        bn_eval=run.bn_eval,
-        bn_momentum=run.bn_momentum,
-        bn_eps=run.bn_eps,
-        reg=run.reg,
-        dtype=run.dtype,
-        init_dtype=run.dtype,
-        compute_dtype="float64" if replay else run.dtype,
-        loss_window=run.loss_window,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        update_rule=t.update_rule,
+        learning_rate=t.learning_rate,
+        lr_decay=t.lr_decay,
+        bn_eval=t.bn_eval,
+        bn_momentum=t.bn_momentum,
+        bn_eps=t.bn_eps,
+        reg=cfg.model.reg,
+        dtype=cfg.model.dtype,
+        init_dtype=cfg.model.dtype,
+        compute_dtype="float64" if cfg.rng == "cs231n" else cfg.model.dtype,
+        loss_window=t.loss_window,
     )
 
 
-def num_iterations(run: RunConfig) -> int:
-    """Solver iterations of a run."""
-    return run.epochs * iterations_per_epoch(run.data.num_train, run.batch_size)
+def _num_iterations(cfg: ExperimentConfig) -> int:
+    return cfg.train.epochs * iterations_per_epoch(cfg.data.num_train, cfg.train.batch_size)
 
 
-def _replay_key(run: RunConfig) -> tuple:
+def _replay_key(run: Run) -> tuple:
     """Runs the reference notebook builds together: equal in everything but the BN flag."""
-    return (run.seed, run.learning_rate, run.weight_scale)
+    return tuple((key, value) for key, value in run.point if key != "model.batchnorm")
 
 
-def make_plans(runs: Sequence[RunConfig]) -> list[RunPlan]:
+def _cs231n_plans(runs: Sequence[Run]) -> list[RunPlan]:
+    """One legacy generator replays the notebook over the whole run list; consecutive runs that
+    differ only in the BN flag form one notebook cell (weights of both, then minibatches)."""
+    groups: list[list[Run]] = []
+    for run in runs:
+        if groups and _replay_key(groups[-1][0]) == _replay_key(run):
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+    cells = [
+        [
+            (net_spec(r.cfg), _num_iterations(r.cfg), r.cfg.train.batch_size, r.cfg.data.num_train)
+            for r in group
+        ]
+        for group in groups
+    ]
+    return [plan for cell in cs231n_plans(runs[0].seed, cells) for plan in cell]
+
+
+def make_plans(runs: Sequence[Run]) -> list[RunPlan]:
     """The random plan of every run, in run order.
 
-    rng=numpy: each run's plan depends only on its seed and layer shapes (computed once per
-    distinct key, so BN and baseline runs share one plan object). rng=cs231n: one legacy
-    generator replays the notebook over the whole run list, consecutive runs that differ only in
-    the BN flag forming one notebook cell (weights of both, then minibatches of both).
+    rng=numpy: each run's plan depends only on its seed, layer shapes and sampling (computed once
+    per distinct key, so BN and baseline runs share one plan object). rng=cs231n: see
+    `_cs231n_plans` (the config guarantees sampling with replacement).
     """
     if not runs:
         return []
-    if runs[0].rng == "cs231n":
-        if any(run.sampling != "replacement" for run in runs):
-            # load_config rejects this combination; runs built by hand must not slip through.
-            raise ValueError("make_plans: rng=cs231n replays sampling with replacement only")
-        groups: list[list[RunConfig]] = []
-        for run in runs:
-            if groups and _replay_key(groups[-1][0]) == _replay_key(run):
-                groups[-1].append(run)
-            else:
-                groups.append([run])
-        plan_groups = cs231n_plans(
-            runs[0].seed,
-            [
-                [(net_spec(r), num_iterations(r), r.batch_size, r.data.num_train) for r in g]
-                for g in groups
-            ],
-        )
-        return [plan for group in plan_groups for plan in group]
+    if runs[0].cfg.rng == "cs231n":
+        return _cs231n_plans(runs)
     cache: dict[tuple, RunPlan] = {}
     plans = []
     for run in runs:
-        key = (run.seed, run.hidden_dims, num_iterations(run), run.batch_size, run.sampling)
+        c = run.cfg
+        iters = _num_iterations(c)
+        key = (c.seed, c.model.hidden_dims, iters, c.train.batch_size, c.train.sampling)
         if key not in cache:
             cache[key] = numpy_plan(
-                run.seed,
-                net_spec(run),
-                num_iterations(run),
-                run.batch_size,
-                run.data.num_train,
-                run.sampling,
+                c.seed, net_spec(c), iters, c.train.batch_size, c.data.num_train, c.train.sampling
             )
         plans.append(cache[key])
     return plans
 
 
-def lockstep_groups(runs: Sequence[RunConfig]) -> list[list[int]]:
+def _group_key(run: Run) -> tuple:
+    """What the networks of one lockstep group share: the run's point without the per-network
+    keys (every other setting is fixed for the whole experiment)."""
+    return tuple((key, value) for key, value in run.point if key not in PER_NETWORK_KEYS)
+
+
+def lockstep_groups(runs: Sequence[Run]) -> list[list[int]]:
     """Indices into `runs` grouped for lockstep training, groups and members in run order."""
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
-        # The learning rate is per member; everything else in the settings must match.
-        key = (net_spec(run), replace(solver_settings(run), learning_rate=0.0), run.data)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(_group_key(run), []).append(i)
     return list(groups.values())
 
 
@@ -174,28 +178,30 @@ def _finite_or_none(value: float | None) -> float | None:
     return float(value)
 
 
-def run_summary(run: RunConfig, rid: str, result: RunResult, data: TrainData) -> dict:
-    """The summary.json of a finished run (field names documented in `bnexp.records`)."""
-    per_epoch = iterations_per_epoch(run.data.num_train, run.batch_size)
+def run_summary(run: Run, rid: str, result: RunResult, data) -> dict:
+    """A finished run's summary.json: the fields of `bnexp.records.SUMMARY_FIELDS`, in order."""
+    c = run.cfg
+    per_epoch = iterations_per_epoch(c.data.num_train, c.train.batch_size)
     return {
         "run_id": rid,
         "index": run.index,
-        "batchnorm": run.batchnorm,
-        "weight_scale": float(run.weight_scale),
-        "learning_rate": float(run.learning_rate),
-        "seed": run.seed,
-        "rng": run.rng,
-        "hidden_dims": list(run.hidden_dims),
-        "dtype": run.dtype,
+        "batchnorm": c.model.batchnorm,
+        "weight_scale": float(c.model.weight_scale),
+        "learning_rate": float(c.train.learning_rate),
+        "seed": c.seed,
+        "rng": c.rng,
+        "hidden_dims": list(c.model.hidden_dims),
+        "dtype": c.model.dtype,
         "num_train": int(data.X_train.shape[0]),
         "num_val": int(data.X_val.shape[0]),
         "num_test": None if data.X_test is None else int(data.X_test.shape[0]),
-        "epochs": run.epochs,
-        "batch_size": run.batch_size,
+        "epochs": c.train.epochs,
+        "batch_size": c.train.batch_size,
         "iterations_per_epoch": per_epoch,
-        "update_rule": run.update_rule,
-        "sampling": run.sampling,
-        "bn_eval": run.bn_eval,
+        "update_rule": c.train.update_rule,
+        "sampling": c.train.sampling,
+        "bn_eval": c.train.bn_eval,
+        "axes": {key: records.to_jsonable(value) for key, value in run.point},
         "train_acc_history": [_finite_or_none(a) for a in result.train_acc_history],
         "val_acc_history": [_finite_or_none(a) for a in result.val_acc_history],
         "check_iterations": [int(t) + 1 for t in result.check_iterations],
@@ -238,22 +244,37 @@ class _GroupJob:
     settings: SolverSettings
 
     @property
-    def work(self) -> int:
-        """Network-iterations of the group (the progress bar's unit)."""
-        return len(self.members) * self.members[0].plan.batch_indices.shape[0]
-
-    @property
     def iterations(self) -> int:
         """Solver iterations of every network of the group."""
         return self.members[0].plan.batch_indices.shape[0]
 
-    def run(self, data: TrainData, on_progress=None) -> list[RunResult]:
+    @property
+    def work(self) -> int:
+        """Network-iterations of the group (the progress bar's unit)."""
+        return len(self.members) * self.iterations
+
+    def run(self, data, on_progress=None) -> list[RunResult]:
         """Train the group in this process; on_progress(iterations done) after each iteration."""
         return train_group(self.spec, list(self.members), data, self.settings, on_progress)
 
 
+def _group_jobs(runs: Sequence[Run], todo: Sequence[int]) -> list[_GroupJob]:
+    """The lockstep groups of the unfinished runs `todo` (indices into `runs`), with plans."""
+    plans = make_plans(runs)  # the whole list: a cs231n replay depends on every run before
+    jobs = []
+    for group in lockstep_groups([runs[i] for i in todo]):
+        indices = tuple(todo[g] for g in group)
+        first = runs[indices[0]].cfg
+        members = tuple(
+            Member(runs[i].cfg.model.weight_scale, runs[i].cfg.train.learning_rate, plans[i])
+            for i in indices
+        )
+        jobs.append(_GroupJob(indices, net_spec(first), members, solver_settings(first)))
+    return jobs
+
+
 def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Callable[[str], None]):
-    """The experiment's splits as TrainData, plus the data source dict for the manifest."""
+    """The experiment's splits (`bnexp.data.Splits`), plus the data source dict for the manifest."""
     from bnexp.data import load_splits, resolve_data_dir
 
     with warnings.catch_warnings(record=True) as caught:
@@ -270,15 +291,79 @@ def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Cal
         )
     for warning in caught:
         log(f"note: {warning.message}")
-    data = TrainData(
-        X_train=splits.X_train,
-        y_train=splits.y_train,
-        X_val=splits.X_val,
-        y_val=splits.y_val,
-        X_test=splits.X_test,
-        y_test=splits.y_test,
+    return splits, splits.source
+
+
+@dataclass
+class _Experiment:
+    """What one invocation works on: the runs, their ids, OUT and the unfinished runs."""
+
+    cfg: ExperimentConfig
+    runs: list[Run]
+    ids: list[str]
+    out: Path
+    config_yaml: str
+    todo: list[int]
+
+
+def _survey(cfg: ExperimentConfig, out: str | Path, force: bool) -> _Experiment:
+    """Expand the runs and find the unfinished ones; refuse a wrong OUT. Reads no data and writes
+    nothing (so an invocation with nothing to train works offline and changes no file)."""
+    runs = expand_runs(cfg)
+    ids = run_ids(cfg, runs)
+    config_yaml = config_to_yaml(cfg)
+    out = records.check_output_dir(out, config_yaml, force=force)
+    todo = [i for i, rid in enumerate(ids) if not records.is_finished(out, rid)]
+    return _Experiment(cfg, runs, ids, Path(out), config_yaml, todo)
+
+
+def _start_manifest(exp: _Experiment, jobs: int, source: dict) -> dict:
+    """Write the manifest with status 'running', keeping earlier invocations' provenance."""
+    seeds = sorted(set(exp.cfg.values("seed")))
+    manifest = records.collect_manifest(
+        out=exp.out,
+        seed=seeds[0] if len(seeds) == 1 else seeds,
+        rng=exp.cfg.rng,
+        data_source=source,
+        extra={"jobs": jobs, "status": "running", "runs": len(exp.runs)},
     )
-    return data, splits.source
+    earlier = records.read_manifest(exp.out)
+    if earlier is not None:
+        manifest["previous"] = [*earlier.pop("previous", []), earlier]
+    records.write_manifest(exp.out, manifest)
+    return manifest
+
+
+def _train_and_record(exp: _Experiment, data, jobs: int, progress: bool, manifest: dict) -> int:
+    """Train the unfinished runs group by group, recording each group as it finishes; the
+    manifest's final status says whether all finished, Ctrl-C stopped it, or it failed."""
+    status, trained, start = "failed", 0, time.perf_counter()
+    try:
+        for run_indices, results in execute(_group_jobs(exp.runs, exp.todo), data, jobs, progress):
+            for i, result in zip(run_indices, results, strict=True):
+                summary = run_summary(exp.runs[i], exp.ids[i], result, data)
+                config = run_config_dict(exp.runs[i])
+                records.write_run(exp.out, exp.ids[i], config, summary, run_metrics(summary))
+                trained += 1
+            records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
+        manifest.update(
+            status=status,
+            end_time=records.now_iso(),
+            runs_trained=trained,
+            train_seconds=round(time.perf_counter() - start, 3),
+        )
+        records.write_manifest(exp.out, manifest)
+    return trained
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def run_experiment(
@@ -291,7 +376,7 @@ def run_experiment(
     progress: bool = True,
     plot: bool = True,
     log: Callable[[str], None] | None = None,
-    data: TrainData | None = None,
+    data=None,
 ) -> ExperimentResult:
     """Train every run of `cfg` not finished in `out`, record it, and draw the figures.
 
@@ -304,7 +389,10 @@ def run_experiment(
     progress : show a progress bar on stderr (only when stderr is a terminal).
     plot : draw OUT/plots at the end.
     log : where one-line notes go (default: stderr).
-    data : already loaded splits (tests); skips loading from `data_dir`.
+    data : already loaded splits with X_train, y_train, X_val, y_val, X_test, y_test (tests);
+        skips loading from `data_dir`.
+
+    When every run is already finished, no data is loaded and nothing but the figures is written.
 
     Raises
     ------
@@ -313,91 +401,28 @@ def run_experiment(
     KeyboardInterrupt : after every finished group has been recorded (manifest status
         "interrupted"; any other exception leaves status "failed").
     """
-    if log is None:
-
-        def log(message: str) -> None:
-            print(message, file=sys.stderr)
-
+    log = log or _stderr
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    runs = expand_runs(cfg)
-    ids = [run_id(run, cfg) for run in runs]
-    config_yaml = config_to_yaml(cfg)
-    # Refuse a wrong OUT before reading (or downloading) the data, but write nothing into it
-    # until the data has loaded: a data error must not leave an OUT/config.yaml behind that
-    # would then refuse the next, different config as if it held results.
-    records.check_output_dir(out, config_yaml, force=force)
-    source = {"provided": "in-memory arrays"}
-    if data is None:
-        data, source = load_train_data(cfg, data_dir, log)
-    out = records.prepare_output_dir(out, config_yaml, force=force)
-
-    seeds = sorted(set(cfg.seed))
-    manifest = records.collect_manifest(
-        out=out,
-        seed=seeds[0] if len(seeds) == 1 else seeds,
-        rng=cfg.rng,
-        data_source=source,
-        extra={"jobs": jobs, "status": "running", "runs": len(runs)},
-    )
-    # A resumed experiment keeps the provenance of the invocations that trained its earlier runs.
-    earlier = records.read_manifest(out)
-    if earlier is not None:
-        manifest["previous"] = [*earlier.pop("previous", []), earlier]
-    records.write_manifest(out, manifest)
-
-    todo = [i for i, rid in enumerate(ids) if not records.is_finished(out, rid)]
-    skipped = len(runs) - len(todo)
+    exp = _survey(cfg, out, force)
+    skipped, trained = len(exp.runs) - len(exp.todo), 0
     if skipped:
-        log(f"resuming: {skipped} of {len(runs)} runs already finished in {out}")
-    plans = make_plans(runs) if todo else []
-    todo_runs = [runs[i] for i in todo]
-    jobs_list = []
-    for group in lockstep_groups(todo_runs):
-        indices = tuple(todo[g] for g in group)
-        jobs_list.append(
-            _GroupJob(
-                run_indices=indices,
-                spec=net_spec(runs[indices[0]]),
-                members=tuple(
-                    Member(runs[i].weight_scale, runs[i].learning_rate, plans[i]) for i in indices
-                ),
-                settings=solver_settings(runs[indices[0]]),
-            )
-        )
-
-    status = "failed"
-    trained = 0
-    start = time.perf_counter()
-    try:
-        for run_indices, results in execute(jobs_list, data, jobs, progress):
-            for i, result in zip(run_indices, results, strict=True):
-                summary = run_summary(runs[i], ids[i], result, data)
-                records.write_run(
-                    out, ids[i], run_config_dict(runs[i]), summary, run_metrics(summary)
-                )
-                trained += 1
-            records.write_results_csv(out, records.read_summaries(out, ids))
-        status = "complete"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        summaries = records.read_summaries(out, ids)
-        records.write_results_csv(out, summaries)
-        manifest.update(
-            status=status,
-            end_time=records.now_iso(),
-            runs_trained=trained,
-            train_seconds=round(time.perf_counter() - start, 3),
-        )
-        records.write_manifest(out, manifest)
-
+        log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
+    if exp.todo:
+        source = {"provided": "in-memory arrays"}
+        if data is None:
+            data, source = load_train_data(cfg, data_dir, log)
+        # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
+        # behind that would then refuse the next, different config as if it held results.
+        records.prepare_output_dir(exp.out, exp.config_yaml, force=force)
+        manifest = _start_manifest(exp, jobs, source)
+        trained = _train_and_record(exp, data, jobs, progress, manifest)
+    summaries = records.read_summaries(exp.out, exp.ids)
     plots: list[Path] = []
     if plot and summaries:
         from bnexp.plots import plot_results
 
-        plots = plot_results(out)
+        plots = plot_results(exp.out)
     return ExperimentResult(
-        out=out, summaries=summaries, trained=trained, skipped=skipped, plots=plots
+        out=exp.out, summaries=summaries, trained=trained, skipped=skipped, plots=plots
     )

@@ -66,7 +66,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnexp import layers, model, optim
-from bnexp.errors import ConfigError
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, iterations_per_epoch
 
@@ -107,24 +106,24 @@ class SolverSettings:
         Rounding of the initial weights and dtype of all arithmetic; None means `dtype`.
     loss_window : int
         ``final_train_loss`` averages the last this-many minibatch losses (100, the notebook).
-    optim_config : tuple of (key, value)
-        Extra update-rule hyper-parameters, e.g. ``(("beta1", 0.9),)``; defaults are CS231n's.
+
+    Built from a run's config by `bnexp.sweep.solver_settings` (the config holds the defaults and
+    validates the values).
     """
 
-    epochs: int = 10
-    batch_size: int = 50
-    update_rule: str = "adam"
-    learning_rate: float = 1e-3
-    lr_decay: float = 1.0
-    bn_eval: str = "running"
-    bn_momentum: float = 0.9
-    bn_eps: float = 1e-5
-    reg: float = 0.0
-    dtype: str = "float32"
+    epochs: int
+    batch_size: int
+    update_rule: str
+    learning_rate: float
+    lr_decay: float
+    bn_eval: str
+    bn_momentum: float
+    bn_eps: float
+    reg: float
+    dtype: str
+    loss_window: int
     init_dtype: str | None = None
     compute_dtype: str | None = None
-    loss_window: int = 100
-    optim_config: tuple = ()
 
     @property
     def init_np_dtype(self) -> np.dtype:
@@ -148,18 +147,6 @@ class Member:
     weight_scale: float
     learning_rate: float | None
     plan: RunPlan
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """Data of one experiment; features float64 (N, D), labels int (N,). Test split optional."""
-
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_val: np.ndarray
-    y_val: np.ndarray
-    X_test: np.ndarray | None = None
-    y_test: np.ndarray | None = None
 
 
 @dataclass
@@ -215,25 +202,16 @@ def check_schedule(num_iterations: int, per_epoch: int) -> list[int]:
     ]
 
 
-def _validate(spec: NetSpec, members: list[Member], data: TrainData, settings: SolverSettings):
-    """Raise ConfigError/ValueError for inconsistent inputs before any work is done."""
-    if not members:
-        raise ValueError("train_group: no members")
-    if settings.update_rule not in optim.UPDATE_RULES:
-        raise ConfigError(
-            f"unknown update_rule {settings.update_rule!r}: choose one of "
-            f"{', '.join(optim.UPDATE_RULES)}"
-        )
-    if settings.bn_eval not in BN_EVAL_MODES:
-        raise ConfigError(
-            f"unknown bn_eval {settings.bn_eval!r}: choose one of {', '.join(BN_EVAL_MODES)}"
-        )
-    for name, value in (
-        ("init_dtype", settings.init_np_dtype),
-        ("compute_dtype", settings.compute_np_dtype),
-    ):
-        if value not in (np.float32, np.float64):
-            raise ConfigError(f"solver {name} must be float32 or float64, got {value}")
+def _validate(spec: NetSpec, members: list[Member], data, settings: SolverSettings) -> None:
+    """Raise ValueError for inputs that do not fit together, before any work is done.
+
+    The settings' values themselves are validated by `bnexp.config` (asserted here).
+    """
+    assert members, "train_group: no members"
+    assert settings.update_rule in optim.UPDATE_RULES, settings.update_rule
+    assert settings.bn_eval in BN_EVAL_MODES, settings.bn_eval
+    assert settings.init_np_dtype in (np.float32, np.float64), settings.init_dtype
+    assert settings.compute_np_dtype in (np.float32, np.float64), settings.compute_dtype
     for split in ("train", "val", "test"):
         X, y = getattr(data, f"X_{split}"), getattr(data, f"y_{split}")
         if X is None and split == "test":
@@ -243,19 +221,15 @@ def _validate(spec: NetSpec, members: list[Member], data: TrainData, settings: S
                 f"train_group: X_{split} {X.shape} / y_{split} {y.shape} do not match "
                 f"(N, {spec.input_dim}) / (N,)"
             )
-    num_iterations = settings.num_iterations(data.X_train.shape[0])
-    expected = (num_iterations, settings.batch_size)
+    expected = (settings.num_iterations(data.X_train.shape[0]), settings.batch_size)
     for k, member in enumerate(members):
         if member.plan.batch_indices.shape != expected:
             raise ValueError(
                 f"train_group: member {k} plan has batch_indices "
-                f"{member.plan.batch_indices.shape}, "
-                f"the settings need {expected}"
+                f"{member.plan.batch_indices.shape}, the settings need {expected}"
             )
-    if settings.bn_eval == "population" and spec.batchnorm:
-        m = min(settings.batch_size, data.X_train.shape[0])
-        if m < 2:
-            raise ConfigError("bn_eval 'population' needs minibatches of >= 2 examples")
+    population = settings.bn_eval == "population" and spec.batchnorm
+    assert not population or min(settings.batch_size, data.X_train.shape[0]) >= 2
 
 
 class _Updater:
@@ -267,14 +241,15 @@ class _Updater:
     and is the same for every block).
     """
 
-    def __init__(self, rule, shape, itemsize, hyper: dict, lr_axis0: bool, single: bool):
-        self.rule = rule
+    def __init__(self, rule: str, shape, itemsize, lr_axis0: bool, single: bool):
+        self.rule = optim.UPDATE_RULES[rule]
+        self.state_arrays = optim.STATE_ARRAYS[rule]
         row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * itemsize, 1)
         rows = shape[0] if single else max(1, UPDATE_BLOCK_BYTES // row_bytes)
         self.blocks = [slice(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)]
         self.whole = len(self.blocks) == 1
         self.lr_axis0 = lr_axis0
-        self.states = [dict(hyper) for _ in self.blocks]
+        self.states: list[dict] = [{} for _ in self.blocks]  # the rule's defaults (CS231n's)
         self.scratch: dict = {}  # block shape -> the rule's two temporaries
 
     def set_learning_rate(self, lr: np.ndarray) -> None:
@@ -299,7 +274,7 @@ class _Updater:
     def reset_network(self, k: int, width: int | None) -> None:
         """Zero network k's moments (rows k, or columns k*width:(k+1)*width of the wide W1)."""
         for blk, state in zip(self.blocks, self.states, strict=True):
-            for key in ("m", "v", "velocity"):
+            for key in self.state_arrays:
                 moment = state.get(key)
                 if moment is None:
                     continue
@@ -351,14 +326,10 @@ class _Group:
             ],
             dtype=np.float64,
         )
-        rule = optim.UPDATE_RULES[settings.update_rule]
-        hyper = dict(settings.optim_config)
-        w1 = params["W1"]
+        rule, w1 = settings.update_rule, params["W1"]
         self.updaters = {
-            "W1": _Updater(rule, w1.shape, w1.itemsize, hyper, lr_axis0=not wide, single=False),
-            "flat": _Updater(
-                rule, self.flat.shape, self.flat.itemsize, hyper, lr_axis0=True, single=True
-            ),
+            "W1": _Updater(rule, w1.shape, w1.itemsize, lr_axis0=not wide, single=False),
+            "flat": _Updater(rule, self.flat.shape, self.flat.itemsize, lr_axis0=True, single=True),
         }
         self.alive = np.ones(self.K, dtype=bool)
         self._push_learning_rates()
@@ -441,7 +412,7 @@ def _population_stats(group: _Group, X: np.ndarray) -> list[tuple[np.ndarray, np
     scratch = [dict(mode="batch", eps=settings.bn_eps) for _ in spec.hidden_dims]
     for b in range(num_batches):
         xb = X[b * m : (b + 1) * m]  # shared (m, D); stacked W1 broadcasts it over the K nets
-        _, caches = model.forward(spec, group.params, xb, scratch, "batch", wide=group.wide)
+        _, caches = model.forward(spec, group.params, xb, scratch, "batch")
         for layer, (_, bn_cache, _) in enumerate(caches[:-1]):
             means[layer].append(bn_cache["mean"][..., 0, :])
             variances[layer].append(bn_cache["var"][..., 0, :])
@@ -463,17 +434,138 @@ def _accuracy(group: _Group, params: dict, X: np.ndarray, y: np.ndarray, bn_stat
     mode = "batch" if bn_stats is None else "test"
     correct = np.zeros(group.K, dtype=np.int64)
     for chunk in chunks:
-        scores, _ = model.forward(
-            spec, params, X[chunk], scratch, mode, wide=group.wide, keep_caches=False
-        )
+        scores, _ = model.forward(spec, params, X[chunk], scratch, mode, keep_caches=False)
         correct += (scores.argmax(axis=-1) == y[chunk]).sum(axis=-1)
     return correct / X.shape[0]
+
+
+@dataclass
+class _History:
+    """What the Solver records for K networks: losses, check accuracies, divergence, best-val
+    snapshot (parameters and the BN statistics of its check)."""
+
+    losses: np.ndarray  # (K, num_iterations), NaN where not recorded
+    train_acc: np.ndarray  # (K, num_checks)
+    val_acc: np.ndarray  # (K, num_checks)
+    diverged_at: np.ndarray  # (K,), -1 while alive
+    best_val: np.ndarray  # (K,), from 0.0 as the reference
+    best_check: np.ndarray  # (K,), -1: never improved (the initial parameters are kept)
+    best: dict  # {"params": copies of group.params, "stats": [(mean, var)] per BN layer}
+
+    @classmethod
+    def start(cls, group: _Group, num_iterations: int, num_checks: int) -> _History:
+        K = group.K
+        return cls(
+            losses=np.full((K, num_iterations), np.nan),
+            train_acc=np.full((K, num_checks), np.nan),
+            val_acc=np.full((K, num_checks), np.nan),
+            diverged_at=np.full(K, -1),
+            best_val=np.zeros(K),
+            best_check=np.full(K, -1),
+            best={
+                "params": {key: value.copy() for key, value in group.params.items()},
+                "stats": [
+                    (p["running_mean"].copy(), p["running_var"].copy()) for p in group.bn_params
+                ],
+            },
+        )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The data cast once to the compute dtype, and the plans' minibatch indices (K, T, N)."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    indices: np.ndarray
+    wide: bool  # every network shares its minibatches: the wide first-layer layout
+
+    @classmethod
+    def of(cls, data, members: list[Member], dtype) -> _Inputs:
+        indices = np.stack([m.plan.batch_indices for m in members])
+        return cls(
+            X_train=np.ascontiguousarray(data.X_train, dtype=dtype),
+            y_train=np.asarray(data.y_train),
+            X_val=np.ascontiguousarray(data.X_val, dtype=dtype),
+            y_val=np.asarray(data.y_val),
+            indices=indices,
+            wide=bool((indices == indices[:1]).all()),
+        )
+
+
+def _step(group: _Group, inputs: _Inputs, t: int, history: _History) -> None:
+    """Iteration t: minibatch loss and gradients, divergence, one update of every network."""
+    rows = inputs.indices[0, t] if inputs.wide else inputs.indices[:, t]  # (N,) or (K, N)
+    xb, yb = inputs.X_train[rows], inputs.y_train[rows]
+    loss, grads = model.loss_and_grads(
+        group.spec, group.params, xb, yb, group.bn_params, reg=group.settings.reg
+    )
+    newly = np.flatnonzero(group.alive & ~np.isfinite(loss))
+    if newly.size:
+        history.diverged_at[newly] = t
+        group.freeze(newly)
+    history.losses[group.alive, t] = loss[group.alive]
+    group.zero_dead_grads(grads)
+    group.step(grads)
+
+
+def _check_accuracy(group: _Group, inputs: _Inputs, check: int, history: _History) -> None:
+    """Accuracy check number `check`: train and val accuracy, best-val snapshot (strict >)."""
+    stats = _check_stats(group, inputs.X_train)
+    train_acc = _accuracy(group, group.params, inputs.X_train, inputs.y_train, stats)
+    val_acc = _accuracy(group, group.params, inputs.X_val, inputs.y_val, stats)
+    dead = ~group.alive
+    train_acc[dead] = np.nan
+    val_acc[dead] = np.nan
+    history.train_acc[:, check] = train_acc
+    history.val_acc[:, check] = val_acc
+    improved = np.flatnonzero(val_acc > history.best_val)  # strict, NaN never improves
+    history.best_val[improved] = val_acc[improved]
+    history.best_check[improved] = check
+    group.snapshot(improved, history.best, stats)
+
+
+def _test_accuracy(group: _Group, data, history: _History) -> list[float | None]:
+    """Test accuracy of every network's best-val snapshot (None without a test split)."""
+    if data.X_test is None:
+        return [None] * group.K
+    X_test = np.ascontiguousarray(data.X_test, dtype=group.dtype)
+    stats = history.best["stats"] if group.settings.bn_eval != "batch" else None
+    acc = _accuracy(group, history.best["params"], X_test, np.asarray(data.y_test), stats)
+    return [float(a) for a in acc]
+
+
+def _results(history: _History, test_acc, checks: list[int], window: int, seconds: float):
+    """One RunResult per network from the group's history."""
+    results = []
+    for k in range(len(test_acc)):
+        train_hist, at = history.train_acc[k], int(history.diverged_at[k])
+        finite_train = train_hist[np.isfinite(train_hist)]
+        results.append(
+            RunResult(
+                train_acc_history=[float(a) for a in train_hist],
+                val_acc_history=[float(a) for a in history.val_acc[k]],
+                test_acc=test_acc[k],
+                loss_history=history.losses[k],
+                best_train_acc=float(finite_train.max()) if finite_train.size else float("nan"),
+                best_val_acc=float(history.best_val[k]),
+                final_train_loss=float(np.mean(history.losses[k, -window:])),
+                diverged=at >= 0,
+                diverged_iteration=at if at >= 0 else None,
+                seconds=seconds,
+                check_iterations=list(checks),
+                best_check=int(history.best_check[k]) if history.best_check[k] >= 0 else None,
+            )
+        )
+    return results
 
 
 def train_group(
     spec: NetSpec,
     members: list[Member],
-    data: TrainData,
+    data,
     settings: SolverSettings,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[RunResult]:
@@ -486,7 +578,7 @@ def train_group(
     members : list of Member
         Per network: weight scale, learning rate, plan (normals per layer (din, dout) and
         batch_indices (num_iterations, batch_size)).
-    data : TrainData
+    data : splits (e.g. `bnexp.data.Splits`)
         float64 features X_* (N, input_dim), int labels y_* (N,); cast once to the compute dtype.
     settings : SolverSettings
     on_progress : callable, optional
@@ -498,101 +590,27 @@ def train_group(
     """
     _validate(spec, members, data, settings)
     start = time.perf_counter()
-    K = len(members)
     num_train = data.X_train.shape[0]
     per_epoch = iterations_per_epoch(num_train, settings.batch_size)
     num_iterations = settings.num_iterations(num_train)
     checks = check_schedule(num_iterations, per_epoch)
-    dtype = settings.compute_np_dtype
-
-    indices = np.stack([m.plan.batch_indices for m in members])  # (K, T, N)
-    wide = bool((indices == indices[:1]).all())
-    group = _Group(spec, members, settings, wide)
-
-    X_train = np.ascontiguousarray(data.X_train, dtype=dtype)
-    X_val = np.ascontiguousarray(data.X_val, dtype=dtype)
-    y_train = np.asarray(data.y_train)
-    y_val = np.asarray(data.y_val)
-
-    losses = np.full((K, num_iterations), np.nan)
-    train_hist = np.full((K, len(checks)), np.nan)
-    val_hist = np.full((K, len(checks)), np.nan)
-    diverged_at = np.full(K, -1)
-    best_val = np.zeros(K)
-    best_check = np.full(K, -1)
-    best = {
-        "params": {key: value.copy() for key, value in group.params.items()},
-        "stats": [(p["running_mean"].copy(), p["running_var"].copy()) for p in group.bn_params],
-    }
-
+    inputs = _Inputs.of(data, members, settings.compute_np_dtype)
+    group = _Group(spec, members, settings, inputs.wide)
+    history = _History.start(group, num_iterations, len(checks))
     with np.errstate(all="ignore"):  # a diverging network overflows by design; it is contained
-        check_index = 0
+        check = 0
         for t in range(num_iterations):
-            if wide:
-                rows = indices[0, t]
-                xb, yb = X_train[rows], y_train[rows]
-            else:
-                rows = indices[:, t]
-                xb, yb = X_train[rows], y_train[rows]
-            loss, grads = model.loss_and_grads(
-                spec, group.params, xb, yb, group.bn_params, reg=settings.reg, wide=wide
-            )
-            newly = np.flatnonzero(group.alive & ~np.isfinite(loss))
-            if newly.size:
-                diverged_at[newly] = t
-                group.freeze(newly)
-            losses[group.alive, t] = loss[group.alive]
-            group.zero_dead_grads(grads)
-            group.step(grads)
+            _step(group, inputs, t, history)
             if (t + 1) % per_epoch == 0:
                 group.decay_learning_rates(settings.lr_decay)
-
-            if check_index < len(checks) and checks[check_index] == t:
-                stats = _check_stats(group, X_train)
-                train_acc = _accuracy(group, group.params, X_train, y_train, stats)
-                val_acc = _accuracy(group, group.params, X_val, y_val, stats)
-                dead = ~group.alive
-                train_acc[dead] = np.nan
-                val_acc[dead] = np.nan
-                train_hist[:, check_index] = train_acc
-                val_hist[:, check_index] = val_acc
-                improved = np.flatnonzero(val_acc > best_val)  # strict, NaN never improves
-                best_val[improved] = val_acc[improved]
-                best_check[improved] = check_index
-                group.snapshot(improved, best, stats)
-                check_index += 1
+            if check < len(checks) and checks[check] == t:
+                _check_accuracy(group, inputs, check, history)
+                check += 1
             if on_progress is not None:
                 on_progress(t + 1)
-
-        test_acc = [None] * K
-        if data.X_test is not None:
-            X_test = np.ascontiguousarray(data.X_test, dtype=dtype)
-            stats = best["stats"] if settings.bn_eval != "batch" else None
-            acc = _accuracy(group, best["params"], X_test, np.asarray(data.y_test), stats)
-            test_acc = [float(a) for a in acc]
-
-    seconds = (time.perf_counter() - start) / K
-    window = max(int(settings.loss_window), 1)
-    results = []
-    for k in range(K):
-        finite_train = train_hist[k][np.isfinite(train_hist[k])]
-        results.append(
-            RunResult(
-                train_acc_history=[float(a) for a in train_hist[k]],
-                val_acc_history=[float(a) for a in val_hist[k]],
-                test_acc=test_acc[k],
-                loss_history=losses[k],
-                best_train_acc=float(finite_train.max()) if finite_train.size else float("nan"),
-                best_val_acc=float(best_val[k]),
-                final_train_loss=float(np.mean(losses[k, -window:])),
-                diverged=bool(diverged_at[k] >= 0),
-                diverged_iteration=int(diverged_at[k]) if diverged_at[k] >= 0 else None,
-                seconds=seconds,
-                check_iterations=list(checks),
-                best_check=int(best_check[k]) if best_check[k] >= 0 else None,
-            )
-        )
-    return results
+        test_acc = _test_accuracy(group, data, history)
+    seconds = (time.perf_counter() - start) / len(members)
+    return _results(history, test_acc, checks, settings.loss_window, seconds)
 
 
 def _check_stats(group: _Group, X_train: np.ndarray):

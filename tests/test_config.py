@@ -93,18 +93,20 @@ def test_top_level_must_be_a_mapping(tmp_path):
     assert "expected a mapping" in error_of(write(tmp_path, "- 1\n- 2\n"))
 
 
-def test_empty_file_is_the_defaults(tmp_path):
-    assert C.load_config(write(tmp_path, "")) == C.ExperimentConfig()
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_file_is_an_error(tmp_path, text):
+    assert "config file is empty" in error_of(write(tmp_path, text))
 
 
 def test_defaults_are_the_reference_sweep():
     cfg = C.load_config(None)
-    assert cfg == C.ExperimentConfig()
+    assert cfg == C.builtin_config("sweep-init")
     assert cfg.model.hidden_dims == (50,) * 7
-    assert cfg.model.weight_scale == tuple(np.logspace(-4, 0, 20))
-    assert cfg.model.batchnorm == (True, False)
-    assert cfg.train.learning_rate == (1e-3,)
-    assert cfg.seed == (231,)
+    assert cfg.values("model.weight_scale") == tuple(np.logspace(-4, 0, 20))
+    assert cfg.values("model.batchnorm") == (True, False)
+    assert cfg.values("train.learning_rate") == (1e-3,) and cfg.train.learning_rate == 1e-3
+    assert cfg.values("seed") == (231,)
+    assert [key for key, _ in cfg.axes] == ["model.weight_scale", "model.batchnorm"]
     assert len(C.expand_runs(cfg)) == 40
 
 
@@ -116,16 +118,16 @@ def test_grids(tmp_path):
             "train: {learning_rate: {linspace: [1e-4, 1e-3, 4]}}\nseed: [3, 1]\n",
         )
     )
-    assert cfg.model.weight_scale == tuple(np.logspace(-3, 1, 7))
-    assert all(type(v) is float for v in cfg.model.weight_scale)
-    assert cfg.train.learning_rate == tuple(np.linspace(1e-4, 1e-3, 4))
-    assert cfg.model.batchnorm == (False,)
-    assert cfg.seed == (3, 1)
+    assert cfg.values("model.weight_scale") == tuple(np.logspace(-3, 1, 7))
+    assert all(type(v) is float for v in cfg.values("model.weight_scale"))
+    assert cfg.values("train.learning_rate") == tuple(np.linspace(1e-4, 1e-3, 4))
+    assert cfg.values("model.batchnorm") == (False,) and cfg.model.batchnorm is False
+    assert cfg.values("seed") == (3, 1)
 
 
 def test_int_accepted_for_float_and_yaml12_exponents(tmp_path):
     cfg = C.load_config(write(tmp_path, "model: {weight_scale: 1, reg: 1e-4}\n"))
-    assert cfg.model.weight_scale == (1.0,)
+    assert cfg.model.weight_scale == 1.0 and type(cfg.model.weight_scale) is float
     assert cfg.model.reg == 1e-4  # PyYAML alone would read `1e-4` as a string
 
 
@@ -141,12 +143,12 @@ def test_overrides():
         ],
     )
     assert cfg.train.epochs == 3
-    assert cfg.seed == (7,)
-    assert cfg.model.weight_scale == (1e-3, 1e-2)
+    assert cfg.seed == 7
+    assert cfg.values("model.weight_scale") == (1e-3, 1e-2)
     assert cfg.rng == "cs231n"
     assert cfg.data.num_train == 500 and cfg.data.num_training == 49_000
     cfg = C.load_config(None, ["model.weight_scale={logspace: [-4,0,5]}"])
-    assert cfg.model.weight_scale == tuple(np.logspace(-4, 0, 5))
+    assert cfg.values("model.weight_scale") == tuple(np.logspace(-4, 0, 5))
 
 
 @pytest.mark.parametrize(
@@ -196,15 +198,20 @@ def test_expansion_order_is_fixed(tmp_path):
     runs = C.expand_runs(C.load_config(a))
     assert runs == C.expand_runs(C.load_config(b))
     expected = list(itertools.product([5, 6], [1e-3, 1e-2], [0.1, 0.01], [True, False]))
-    assert [(r.seed, r.learning_rate, r.weight_scale, r.batchnorm) for r in runs] == expected
+    got = [
+        (r.seed, r.cfg.train.learning_rate, r.cfg.model.weight_scale, r.cfg.model.batchnorm)
+        for r in runs
+    ]
+    assert got == expected
     assert [r.index for r in runs] == list(range(16))
-    assert runs[0].hidden_dims == (50,) * 7 and runs[0].epochs == 10
+    assert runs[0].cfg.model.hidden_dims == (50,) * 7 and runs[0].cfg.train.epochs == 10
+    assert all(r.cfg.axes == () and r.cfg.seed == r.seed for r in runs)
 
 
 def test_run_config_dict_is_plain():
     run = C.expand_runs(C.load_config(None))[3]
     d = C.run_config_dict(run)
-    assert d["model"]["weight_scale"] == run.weight_scale
+    assert d["model"]["weight_scale"] == run.cfg.model.weight_scale
     assert type(d["model"]["weight_scale"]) is float
     assert d["model"]["batchnorm"] is False
     assert d["index"] == 3 and d["train"]["learning_rate"] == 1e-3
@@ -240,9 +247,9 @@ def test_repo_configs_match_the_builtin_defaults():
         assert path == REPO_CONFIGS / f"{name}.yaml"
         cfg = C.load_config(path)
         assert cfg == C.builtin_config(command) == C.load_default_config(command)
-        assert cfg.name == name and cfg.rng == "numpy" and cfg.seed == (231,)
+        assert cfg.name == name and cfg.rng == "numpy" and cfg.values("seed") == (231,)
     train = C.load_default_config("train", ["train.epochs=2"])
-    assert train.model.hidden_dims == (100,) * 5 and train.model.weight_scale == (2e-2,)
+    assert train.model.hidden_dims == (100,) * 5 and train.values("model.weight_scale") == (2e-2,)
     assert train.train.epochs == 2
     with pytest.raises(ValueError, match="no default config"):
         C.default_config_path("plot")
@@ -251,8 +258,13 @@ def test_repo_configs_match_the_builtin_defaults():
 def test_cs231n_reproduction_config():
     cfg = C.load_config(REPO_CONFIGS / "cs231n_reproduction.yaml")
     train = C.builtin_config("train")
-    assert cfg.rng == "cs231n" and cfg.seed == (231,) and cfg.model.dtype == "float32"
-    assert (cfg.data, cfg.model, cfg.train) == (train.data, train.model, train.train)
+    assert cfg.rng == "cs231n" and cfg.seed == 231 and cfg.model.dtype == "float32"
+    assert (cfg.data, cfg.model, cfg.train, cfg.axes) == (
+        train.data,
+        train.model,
+        train.train,
+        train.axes,
+    )
 
 
 @pytest.mark.parametrize(
@@ -286,3 +298,189 @@ def test_overflowing_logspace_is_one_error_and_no_warning(tmp_path):
         warnings.simplefilter("error")
         message = error_of(None, ["model.weight_scale={logspace: [-4, 400, 3]}"])
     assert "model.weight_scale[2]: expected a finite number, got inf" in message
+
+
+# --- run ids of the shipped configs -----------------------------------------------------------
+
+#: sha256 of the comma-joined run ids of each shipped config, computed by the code before the
+#: config rewrite (one field per key, any key a sweep axis); the committed results keep resuming.
+SHIPPED_IDS = {
+    "bn_vs_baseline": (2, "da8871eac690768f", "301f9260eab5"),
+    "cs231n_reproduction": (2, "69c556e918a26db7", "8434a4d5e185"),
+    "cs231n_sweep_reproduction": (40, "f7c286cecb5180b0", "23c9cc6a1191"),
+    "weight_init_sweep": (40, "4eddbceff1a9d45d", "8eec5e56d558"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_IDS))
+def test_shipped_configs_keep_their_run_ids(name):
+    import hashlib
+
+    cfg = C.load_config(REPO_CONFIGS / f"{name}.yaml")
+    runs = C.expand_runs(cfg)
+    ids = [C.run_id(r, cfg) for r in runs]
+    assert C.run_ids(cfg, runs) == ids
+    count, digest, first = SHIPPED_IDS[name]
+    assert (len(ids), hashlib.sha256(",".join(ids).encode()).hexdigest()[:16], ids[0]) == (
+        count,
+        digest,
+        first,
+    )
+
+
+# --- layered files ----------------------------------------------------------------------------
+
+
+def test_partial_file_layers_over_the_commands_default(tmp_path):
+    partial = write(tmp_path, "train: {epochs: 1}\n")
+    cfg = C.load_config(partial, command="train")
+    assert cfg.train.epochs == 1
+    assert cfg == C.load_default_config("train", ["train.epochs=1"])  # two networks, not 40
+    assert len(C.expand_runs(cfg)) == 2
+    sweep = C.load_config(partial, command="sweep-init")
+    assert len(C.expand_runs(sweep)) == 40 and sweep.train.epochs == 1
+
+
+def test_files_compose_in_order_then_overrides(tmp_path):
+    a = write(tmp_path, "train: {epochs: 2, batch_size: 10}\nseed: 5\n", "a.yaml")
+    b = write(tmp_path, "train: {epochs: 3}\n", "b.yaml")
+    cfg = C.load_config([a, b], ["seed=9"], command="train")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.seed) == (3, 10, 9)
+    assert C.load_config([b, a], command="train").train.epochs == 2
+    # An error names the file that set the key, not the first or the default one.
+    bad = write(tmp_path, "model: {reg: -1}\n", "bad.yaml")
+    message = error_of([a, bad, b])
+    assert message.startswith(f"{bad}: model.reg: "), message
+
+
+# --- any key is an axis -----------------------------------------------------------------------
+
+
+def test_any_model_or_train_key_is_an_axis_after_the_notebook_axes(tmp_path):
+    cfg = C.load_config(
+        None,
+        [
+            "train.batch_size=[5, 10, 50]",
+            "model.hidden_dims=[[100, 100], [50, 50, 50]]",
+            "model.weight_scale=[0.1, 0.01]",
+            "model.batchnorm=[true, false]",
+        ],
+    )
+    assert [key for key, _ in cfg.axes] == [
+        "model.weight_scale",
+        "model.batchnorm",
+        "model.hidden_dims",
+        "train.batch_size",
+    ]
+    runs = C.expand_runs(cfg)
+    expected = list(
+        itertools.product([0.1, 0.01], [True, False], [(100, 100), (50, 50, 50)], [5, 10, 50])
+    )
+    got = [
+        (c.model.weight_scale, c.model.batchnorm, c.model.hidden_dims, c.train.batch_size)
+        for c in (r.cfg for r in runs)
+    ]
+    assert got == expected
+    assert dict(runs[5].point) == {
+        "model.weight_scale": 0.1,
+        "model.batchnorm": True,
+        "model.hidden_dims": (50, 50, 50),
+        "train.batch_size": 50,
+    }
+    ids = C.run_ids(cfg, runs)
+    assert len(set(ids)) == len(runs) == 24
+    # Round trip: the saved config holds the axes as lists and reloads to the same experiment.
+    text = C.config_to_yaml(cfg)
+    assert "batch_size: [5, 10, 50]" in text
+    assert C.load_config(write(tmp_path, text)) == cfg
+
+
+def test_axes_in_a_file_and_grid_values_are_checked_one_by_one(tmp_path):
+    cfg = C.load_config(write(tmp_path, "train: {bn_momentum: {linspace: [0.5, 0.9, 3]}}\n"))
+    assert cfg.values("train.bn_momentum") == (0.5, 0.7, 0.9)
+    message = error_of(write(tmp_path, "train: {update_rule: [adam, rmsprop]}\n"))
+    assert "train.update_rule[1]: expected one of sgd, sgd_momentum, adam" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("rng=[numpy, cs231n]", "rng"), ("data.num_train=[100, 200]", "data.num_train")],
+)
+def test_keys_that_cannot_be_swept_refuse_a_list(override, key):
+    message = error_of(None, [override])
+    assert f"{key}: expected a single value (this key cannot be swept)" in message
+
+
+def test_cross_checks_hold_for_every_value_of_an_axis():
+    message = error_of(None, ["train.batch_size=[50, 2000]"])
+    assert "train.batch_size: 2000 is larger than the 1000" in message
+
+
+# --- unknown keys, excerpts -------------------------------------------------------------------
+
+
+def test_unknown_keys_suggest_the_closest_valid_one(tmp_path):
+    message = error_of(write(tmp_path, "train: {epoch: 3}\n"))
+    assert "unknown key in train; did you mean epochs?" in message
+    assert "did you mean train.learning_rate?" in error_of(None, ["train.learning_rat=1"])
+
+
+def test_error_lines_quote_a_short_excerpt_of_a_value(tmp_path):
+    message = error_of(None, [f"train.epochs=[{', '.join(['x'] * 5000)}]"])
+    assert len(message) < 400, message
+    message = error_of(None, ["train.update_rule=" + "a" * 10_000])
+    assert len(message) < 400, message
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+def test_a_huge_grid_is_refused_in_milliseconds_before_it_is_built():
+    import time
+
+    start = time.perf_counter()
+    message = error_of(None, ["model.weight_scale={logspace: [-4, 0, 10000000]}"])
+    assert time.perf_counter() - start < 0.5
+    assert "10,000,000 values exceeds the limit of 10,000 (limits.grid_values)" in message
+    values = ", ".join(str(1 + i) for i in range(10_001))
+    message = error_of(None, [f"model.weight_scale=[{values}]"])
+    assert "a grid of 10,001 values exceeds the limit of 10,000" in message
+    assert len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.hidden_dims=[1000000]"], "limits.layer_width"),
+        (["model.hidden_dims=[90000, 90000]"], "parameters per network, more than the limit"),
+        (["train.epochs=100000000"], "solver iterations over all runs"),
+        (
+            ["seed={linspace: [1, 2, 3]}"],
+            "seed: expected a value or a list, got {'linspace': [1, 2, 3]}",
+        ),
+        (
+            [
+                "model.weight_scale={logspace: [-4, 0, 200]}",
+                "train.learning_rate={logspace: [-5, -1, 100]}",
+            ],
+            "the experiment needs 40,000 runs, more than the limit of 10,000",
+        ),
+    ],
+)
+def test_resource_guards_give_one_line_with_estimate_and_limit(overrides, fragment):
+    message = error_of(None, overrides)
+    assert fragment in message
+    assert message.startswith("override "), message
+
+
+def test_limits_can_be_raised_by_an_override(tmp_path):
+    big = [
+        "model.weight_scale={logspace: [-4, 0, 200]}",
+        "train.learning_rate={logspace: [-5, -1, 100]}",
+    ]
+    cfg = C.load_config(
+        None, [*big, "limits.runs=50000", "limits.iterations=100000000", "limits.memory_mb=1000000"]
+    )
+    assert C.num_runs(cfg) == 40_000
+    assert "limits:" in C.config_to_yaml(cfg)  # a raised limit is saved with the config
+    assert "limits" not in C.config_to_yaml(C.load_config(None))

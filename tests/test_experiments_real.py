@@ -26,7 +26,7 @@ def run(cfg, out, cifar_dir):
 @pytest.mark.realdata
 def test_cs231n_replay_reproduces_the_published_baseline(tmp_path, cifar_dir):
     cfg = load_config(CONFIGS / "cs231n_reproduction.yaml")
-    assert cfg.rng == "cs231n" and cfg.seed == (231,)
+    assert cfg.rng == "cs231n" and cfg.values("seed") == (231,)
     summaries = run(cfg, tmp_path / "out", cifar_dir)
     baseline = next(s for s in summaries if not s["batchnorm"])
     assert baseline["train_acc_history"][:6] == PUBLISHED_BASELINE_TRAIN_ACC

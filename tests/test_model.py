@@ -61,7 +61,7 @@ def test_wide_layout_gives_the_same_loss_and_gradients(batchnorm):
         spec, params, X, y, model.init_bn_params(spec, (2,), np.float64), reg=0.3
     )
     loss_w, grads_w = model.loss_and_grads(
-        spec, wide, X, y, model.init_bn_params(spec, (2,), np.float64), reg=0.3, wide=True
+        spec, wide, X, y, model.init_bn_params(spec, (2,), np.float64), reg=0.3
     )
     np.testing.assert_allclose(loss_w, loss_s, rtol=1e-13)
     np.testing.assert_allclose(model.from_wide(grads_w["W1"], 2), grads_s["W1"], rtol=1e-12)
@@ -141,4 +141,4 @@ def test_wide_layer_rejects_per_network_inputs():
     spec, params, X, _ = _setup(False, K=2)
     wide = dict(params, W1=model.to_wide(params["W1"]))
     with pytest.raises(ValueError, match="shared X"):
-        model.forward(spec, wide, np.stack([X, X]), [], "train", wide=True)
+        model.forward(spec, wide, np.stack([X, X]), [], "train")

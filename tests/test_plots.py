@@ -1,9 +1,11 @@
 """Figures from stored records: files are real PNG/SVG, diverged runs are drawn, not dropped."""
 
+import dataclasses
 import json
 import math
 import re
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def fake_summary(run, rid, *, diverge_at=None):
     """A summary shaped like the sweep's, with plausible curves; diverge_at cuts it with nulls."""
+    c = run.cfg  # one flat namespace of the run's settings
+    flat = {**dataclasses.asdict(c.model), **dataclasses.asdict(c.train)}
+    run = SimpleNamespace(index=run.index, seed=run.seed, rng=c.rng, data=c.data, **flat)
     rng = np.random.default_rng(run.index)
     ipe = run.data.num_train // run.batch_size
     n_iter = run.epochs * ipe
@@ -167,7 +172,7 @@ def test_sweep_plots_with_diverged_and_missing_runs(tmp_path):
         assert list(marker.get_ydata()) == [written[-1][key]]
     # The baseline loss line has a gap at the diverged scale, not a dropped point.
     (baseline,) = [a for a in loss_ax.get_lines() if a.get_label() == "baseline"]
-    assert list(baseline.get_xdata()) == list(cfg.model.weight_scale)
+    assert list(baseline.get_xdata()) == list(cfg.values("model.weight_scale"))
     assert np.isnan(baseline.get_ydata()[-1])
     assert any("diverged" in label for label in legend_labels(fig))
     # The missing run is said in the caption.
@@ -309,7 +314,7 @@ def test_curves_of_a_sweep_show_three_scales():
     runs = expand_runs(cfg)
     summaries = [fake_summary(r, str(r.index)) for r in runs]
     picked = plots.select_curve_runs(summaries)
-    scales = cfg.model.weight_scale
+    scales = cfg.values("model.weight_scale")
     assert [(s["weight_scale"], s["batchnorm"]) for s in picked] == [
         (scales[0], True), (scales[0], False), (scales[2], True), (scales[2], False),
         (scales[4], True), (scales[4], False),

@@ -11,8 +11,8 @@ import pytest
 
 from bnexp import sweep
 from bnexp.config import expand_runs, load_config
+from bnexp.data import Splits
 from bnexp.plan import cs231n_plans
-from bnexp.train import TrainData
 
 SMALL = [
     "model.hidden_dims=[16, 16]",
@@ -40,7 +40,7 @@ def data():
         return X, y
 
     (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
-    return TrainData(Xtr, ytr, Xv, yv, Xt, yt)
+    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})
 
 
 def run(cfg, out, data, **kw):
@@ -58,8 +58,8 @@ def test_default_sweep_forms_two_lockstep_groups_of_twenty():
     runs = expand_runs(load_config(None))
     groups = sweep.lockstep_groups(runs)
     assert [len(g) for g in groups] == [20, 20]
-    assert {runs[i].batchnorm for i in groups[0]} == {True}
-    assert {runs[i].batchnorm for i in groups[1]} == {False}
+    assert {runs[i].cfg.model.batchnorm for i in groups[0]} == {True}
+    assert {runs[i].cfg.model.batchnorm for i in groups[1]} == {False}
     # Members keep run order, so the per-scale pairing stays readable in the records.
     assert groups[0] == list(range(0, 40, 2))
 
@@ -68,7 +68,8 @@ def test_numpy_plans_are_paired_between_bn_and_baseline():
     runs = expand_runs(small_config())
     plans = sweep.make_plans(runs)
     for a, b in zip(runs[::2], runs[1::2], strict=True):
-        assert a.batchnorm and not b.batchnorm and a.weight_scale == b.weight_scale
+        assert a.cfg.model.batchnorm and not b.cfg.model.batchnorm
+        assert a.cfg.model.weight_scale == b.cfg.model.weight_scale
     # The same seed and widths: identical normals and minibatches for every run.
     for plan in plans[1:]:
         np.testing.assert_array_equal(plan.batch_indices, plans[0].batch_indices)
@@ -80,7 +81,7 @@ def test_cs231n_plans_replay_the_notebook_cells_in_order():
     runs = expand_runs(small_config("rng=cs231n"))
     plans = sweep.make_plans(runs)
     cells = [
-        [(sweep.net_spec(r), sweep.num_iterations(r), r.batch_size, 100) for r in runs[i : i + 2]]
+        [(sweep.net_spec(r.cfg), 10, 20, 100) for r in runs[i : i + 2]]
         for i in range(0, len(runs), 2)
     ]
     expected = [p for cell in cs231n_plans(231, cells) for p in cell]
@@ -143,18 +144,21 @@ def test_rerun_skips_finished_runs_and_grid_growth_trains_only_new_ones(tmp_path
     out = tmp_path / "out"
     first = run(small_config(), out, data)
     assert (first.trained, first.skipped) == (6, 0)
-    again = run(small_config(), out, data)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run(small_config(), out, data=None, data_dir=out / "no-data-here")
     assert (again.trained, again.skipped) == (0, 6)
     assert again.summaries == first.summaries
-    # The manifest of the invocation that trained the runs is kept, not overwritten.
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["runs_trained"] == 0
-    assert [m["runs_trained"] for m in manifest["previous"]] == [6]
-    assert "previous" not in manifest["previous"][0]
+    # Nothing to train: no data was needed and no file changed (the manifest is not rewritten).
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert not (out / "no-data-here").exists()
     grown = small_config("model.weight_scale=[1.0e-3, 5.0e-2, 1.0, 3.0]")
     more = run(grown, out, data, force=True)
     assert (more.trained, more.skipped) == (2, 6)
     assert len(csv_rows(out / "results.csv")) == 8
+    # The manifest of the invocation that trained the first runs is kept, not overwritten.
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runs_trained"] == 2
+    assert [m["runs_trained"] for m in manifest["previous"]] == [6]
 
 
 def test_ctrl_c_keeps_finished_groups_and_rerun_completes(tmp_path, data, monkeypatch):
@@ -218,3 +222,37 @@ def test_an_error_in_training_is_recorded_as_failed_not_interrupted(tmp_path, da
         run(small_config(), tmp_path / "out", data)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["end_time"]
+
+
+def test_summaries_follow_the_one_schema_and_results_csv_has_a_column_per_axis(tmp_path, data):
+    from bnexp import records
+
+    cfg = small_config("train.batch_size=[10, 20]", "model.batchnorm=[false]")
+    result = run(cfg, tmp_path / "out", data)
+    for s in result.summaries:
+        assert list(s) == list(records.SUMMARY_FIELDS)
+        assert records.summary_problem(s) is None
+    rows = csv_rows(tmp_path / "out" / "results.csv", drop=())
+    assert list(rows[0]) == [*records.RESULTS_COLUMNS, "train.batch_size"]
+    assert [r["train.batch_size"] for r in rows] == ["10", "20"] * 3
+    # Runs that differ in batch size train in separate lockstep groups.
+    runs = expand_runs(cfg)
+    groups = sweep.lockstep_groups(runs)
+    assert [[runs[i].cfg.train.batch_size for i in g] for g in groups] == [[10] * 3, [20] * 3]
+    by_size = {r["run_id"]: r for r in rows}
+    assert len(by_size) == 6
+
+
+def test_results_do_not_depend_on_which_runs_share_an_experiment(tmp_path, data):
+    # A batch-size axis splits the experiment into lockstep groups; each run's numbers equal
+    # those of the same run in an experiment of its own (and its id is the same).
+    both = run(small_config("train.batch_size=[10, 20]"), tmp_path / "both", data).summaries
+    alone = []
+    for size in (10, 20):
+        alone += run(
+            small_config(f"train.batch_size={size}"), tmp_path / f"b{size}", data
+        ).summaries
+    keep = ("run_id", "loss_history", "val_acc_history", "train_acc_history", "test_acc")
+    by_id = {s["run_id"]: {k: s[k] for k in keep} for s in alone}
+    assert len(both) == len(by_id) == 12
+    assert all({k: s[k] for k in keep} == by_id[s["run_id"]] for s in both)

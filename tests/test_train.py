@@ -1,10 +1,15 @@
 """The lockstep engine against one-network-at-a-time training, divergence, checks, BN evaluation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from bnexp import layers, model, plan, train
+from bnexp import model, plan, train
+from bnexp.config import load_config
+from bnexp.data import Splits
 from bnexp.model import NetSpec
+from bnexp.sweep import solver_settings
 
 D, C, NUM_TRAIN, BATCH = 40, 4, 120, 12  # 10 iterations per epoch
 SCALES = [1e-2, 5e-2, 0.1, 0.3, 1.0]
@@ -18,12 +23,18 @@ def data():
     teacher = rng.standard_normal((D, C))
     X = rng.standard_normal((NUM_TRAIN + 200, D))
     y = (X @ teacher + 0.5 * rng.standard_normal((len(X), C))).argmax(axis=1)
-    return train.TrainData(X[:120], y[:120], X[120:220], y[120:220], X[220:], y[220:])
+    return splits(X[:120], y[:120], X[120:220], y[120:220], X[220:], y[220:])
+
+
+def splits(*arrays):
+    """X_train, y_train, X_val, y_val, X_test, y_test as the engine's data object."""
+    return Splits(*arrays, mean_image=np.zeros(D), source={})
 
 
 def _settings(**kw):
-    base = dict(epochs=3, batch_size=BATCH, dtype="float64")
-    return train.SolverSettings(**{**base, **kw})
+    """The default experiment's solver settings in float64, 3 epochs of batch BATCH, then kw."""
+    cfg = load_config(None, ["model.dtype=float64", "train.epochs=3", f"train.batch_size={BATCH}"])
+    return dataclasses.replace(solver_settings(cfg), **kw)
 
 
 def _members(spec, settings, shared, scales=SCALES, lrs=LRS):
@@ -89,9 +100,7 @@ def test_check_schedule_and_best_val_snapshot(data):
     settings = _settings(epochs=4)
     # Test split = validation split: the best-val snapshot (params + the BN statistics of that
     # check) must score on "test" exactly what it scored at its check.
-    same = train.TrainData(
-        data.X_train, data.y_train, data.X_val, data.y_val, data.X_val, data.y_val
-    )
+    same = splits(data.X_train, data.y_train, data.X_val, data.y_val, data.X_val, data.y_val)
     results = train.train_group(spec, _members(spec, settings, shared=True), same, settings)
     for r in results:
         assert r.check_iterations == [0, 9, 19, 29, 39]  # epochs + 1 checks
@@ -106,34 +115,50 @@ def test_check_schedule_and_best_val_snapshot(data):
     assert train.check_schedule(5, 1) == [0, 1, 2, 3, 4]  # one iteration per epoch: no extra
 
 
-def test_population_statistics_match_a_direct_computation(data):
-    spec = NetSpec(D, (16, 12), C, batchnorm=True)
-    settings = _settings(bn_eval="population")
-    members = _members(spec, settings, shared=True)[:3]
-    group = train._Group(spec, members, settings, wide=True)
-    X = np.ascontiguousarray(data.X_train)
-    got = train._population_stats(group, X)
+def _direct_scores(params, X_train, X_eval, unbiased):
+    """Scores of one BN network evaluated by hand: Algorithm 2 statistics from consecutive
+    training minibatches of BATCH (unbiased or, for the control, biased variance), test mode."""
+    stats, h_train = [], X_train
+    for layer in (1, 2):
+        a = h_train @ params[f"W{layer}"] + params[f"b{layer}"]
+        batches = a[: (len(a) // BATCH) * BATCH].reshape(-1, BATCH, a.shape[1])
+        mu_b, var_b = batches.mean(axis=1), batches.var(axis=1)
+        factor = BATCH / (BATCH - 1) if unbiased else 1.0
+        stats.append((mu_b.mean(axis=0), factor * var_b.mean(axis=0)))
+        # The next layer's batch statistics see this layer normalised with each batch's own.
+        norm = (batches - mu_b[:, None]) / np.sqrt(var_b[:, None] + 1e-5)
+        h_train = np.maximum(norm * params[f"gamma{layer}"] + params[f"beta{layer}"], 0)
+        h_train = h_train.reshape(-1, a.shape[1])
+    h = X_eval
+    for layer, (mu, var) in zip((1, 2), stats, strict=True):
+        a = h @ params[f"W{layer}"] + params[f"b{layer}"]
+        a = (a - mu) / np.sqrt(var + 1e-5) * params[f"gamma{layer}"] + params[f"beta{layer}"]
+        h = np.maximum(a, 0)
+    return h @ params["W3"] + params["b3"]
 
-    for k in range(3):
-        p = {key: v[k] for key, v in group.params.items()}
-        p["W1"] = model.from_wide(group.params["W1"], 3)[k]
-        means, variances = [[], []], [[], []]
-        for b in range(NUM_TRAIN // BATCH):
-            h = X[b * BATCH : (b + 1) * BATCH]
-            for layer in (1, 2):
-                a = h @ p[f"W{layer}"] + p[f"b{layer}"]
-                mu, var = a.mean(axis=0), a.var(axis=0)
-                means[layer - 1].append(mu)
-                variances[layer - 1].append(var)
-                a = (a - mu) / np.sqrt(var + 1e-5) * p[f"gamma{layer}"] + p[f"beta{layer}"]
-                h = np.maximum(a, 0)
-        for layer in range(2):
-            mean, var = got[layer]
-            np.testing.assert_allclose(mean[k], np.mean(means[layer], axis=0), rtol=1e-12)
-            factor = BATCH / (BATCH - 1)
-            expected = factor * np.mean(variances[layer], axis=0)
-            np.testing.assert_allclose(var[k], expected, rtol=1e-12)
-    assert layers.batchnorm_population_stats  # the engine delegates the formula to the layer
+
+def test_population_statistics_through_the_training_path(data):
+    # Learning rate 0: the parameters stay at their initial values (Adam's step is exactly 0), so
+    # every check's population statistics can be computed by hand from the plan's normals.
+    spec = NetSpec(D, (16, 12), C, batchnorm=True)
+    settings = _settings(bn_eval="population", epochs=1)
+    members = [
+        train.Member(m.weight_scale, 0.0, m.plan) for m in _members(spec, settings, shared=True)
+    ]
+    results = train.train_group(spec, members, data, settings)
+    differs = False
+    for member, result in zip(members, results, strict=True):
+        params = model.init_params(spec, member.plan.normals, member.weight_scale, np.float64)
+        for X, y, history in (
+            (data.X_train, data.y_train, result.train_acc_history),
+            (data.X_val, data.y_val, result.val_acc_history),
+        ):
+            scores = _direct_scores(params, data.X_train, X, unbiased=True)
+            expected = float(np.mean(scores.argmax(axis=1) == y))
+            assert history == [expected] * len(history)
+            biased = _direct_scores(params, data.X_train, X, unbiased=False)
+            differs |= float(np.mean(biased.argmax(axis=1) == y)) != expected
+    assert differs  # the check can tell the m/(m-1) factor (a mutation of it fails this test)
 
 
 @pytest.mark.parametrize("bn_eval", ["population", "batch"])
@@ -158,3 +183,19 @@ def test_reference_precision_mode_rounds_init_to_float32(data):
     np.testing.assert_array_equal(group.params["W1"], expected)
     (result,) = train.train_group(spec, [member], data, settings)
     assert np.isfinite(result.loss_history).all()
+
+
+def test_learning_rate_decays_after_the_last_step_of_each_epoch(data):
+    # Independent reference: the same run without decay. Steps 0 .. per_epoch - 1 use the initial
+    # rate, so the losses up to iteration per_epoch (params after those steps) are identical;
+    # the first step of epoch 2 uses the decayed rate, so the loss after it differs.
+    spec = NetSpec(D, (16, 12), C, batchnorm=True)
+    per_epoch = NUM_TRAIN // BATCH
+    members = _members(spec, _settings(epochs=2), shared=True)[:2]
+    plain = train.train_group(spec, members, data, _settings(epochs=2))
+    decayed = train.train_group(spec, members, data, _settings(epochs=2, lr_decay=0.1))
+    for a, b in zip(plain, decayed, strict=True):
+        np.testing.assert_array_equal(
+            a.loss_history[: per_epoch + 1], b.loss_history[: per_epoch + 1]
+        )
+        assert a.loss_history[per_epoch + 1] != b.loss_history[per_epoch + 1]
