@@ -193,7 +193,6 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
     """Load the config, run the experiment, print the summary table and where things are."""
     from pathlib import Path
 
-    from bnexp import records
     from bnexp.config import load_config
     from bnexp.report import summary_table
     from bnexp.sweep import run_experiment
@@ -202,17 +201,15 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
     out = Path(out) if out is not None else Path("results") / cfg.name
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    # One process per OUT: a second one stops with one line naming the holder (exit 4).
-    with records.output_lock(out):
-        result = run_experiment(
-            cfg,
-            out,
-            data_dir=data_dir,
-            jobs=jobs,
-            force=force,
-            plot=not no_plot,
-            log=lambda message: click.echo(message, err=True),
-        )
+    result = run_experiment(
+        cfg,
+        out,
+        data_dir=data_dir,
+        jobs=jobs,
+        force=force,
+        plot=not no_plot,
+        log=lambda message: click.echo(message, err=True),
+    )
     click.echo(summary_table(result.summaries))
     click.echo(
         f"\n{result.trained} runs trained, {result.skipped} already finished; "

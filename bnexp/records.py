@@ -618,7 +618,7 @@ def _current_runs(out: Path) -> tuple[set[str], int]:
     Raises OutputError when it is missing or not a valid experiment config: without it the
     figures could not tell the current runs from those a --force re-run left behind.
     """
-    from bnexp.config import expand_runs, load_config, run_id
+    from bnexp.config import expand_runs, load_config, run_ids
 
     path = out / "config.yaml"
     fix = (
@@ -632,7 +632,7 @@ def _current_runs(out: Path) -> tuple[set[str], int]:
     except BnexpError as exc:
         raise OutputError(f"{path} is not a valid experiment config ({exc}); {fix}") from None
     runs = expand_runs(cfg)
-    return {run_id(r, cfg) for r in runs}, len(runs)
+    return set(run_ids(cfg, runs)), len(runs)
 
 
 def _sort_index(index: Any) -> int:

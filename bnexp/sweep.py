@@ -21,6 +21,7 @@ trains only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import warnings
@@ -41,7 +42,7 @@ from bnexp.config import (
     run_config_dict,
     run_ids,
 )
-from bnexp.errors import ConfigError
+from bnexp.errors import ConfigError, DataError
 from bnexp.executor import execute
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, cs231n_plans, iterations_per_epoch, numpy_plan
@@ -259,17 +260,24 @@ class _GroupJob:
 
 
 def _group_jobs(runs: Sequence[Run], todo: Sequence[int]) -> list[_GroupJob]:
-    """The lockstep groups of the unfinished runs `todo` (indices into `runs`), with plans."""
+    """The lockstep groups holding an unfinished run of `todo` (indices into `runs`), with plans.
+
+    A group is always trained whole, finished members included: the wide first-layer GEMM may
+    round differently for another number of networks, so a group cut short by an interruption
+    must be retrained as the uninterrupted run trained it. Only the unfinished runs are recorded.
+    """
     plans = make_plans(runs)  # the whole list: a cs231n replay depends on every run before
+    unfinished = set(todo)
     jobs = []
-    for group in lockstep_groups([runs[i] for i in todo]):
-        indices = tuple(todo[g] for g in group)
+    for indices in lockstep_groups(runs):
+        if unfinished.isdisjoint(indices):
+            continue
         first = runs[indices[0]].cfg
         members = tuple(
             Member(runs[i].cfg.model.weight_scale, runs[i].cfg.train.learning_rate, plans[i])
             for i in indices
         )
-        jobs.append(_GroupJob(indices, net_spec(first), members, solver_settings(first)))
+        jobs.append(_GroupJob(tuple(indices), net_spec(first), members, solver_settings(first)))
     return jobs
 
 
@@ -317,8 +325,9 @@ def _survey(cfg: ExperimentConfig, out: str | Path, force: bool) -> _Experiment:
     return _Experiment(cfg, runs, ids, Path(out), config_yaml, todo)
 
 
-def _start_manifest(exp: _Experiment, jobs: int, source: dict) -> dict:
-    """Write the manifest with status 'running', keeping earlier invocations' provenance."""
+def _new_manifest(exp: _Experiment, jobs: int, source: dict, earlier: dict | None) -> dict:
+    """The manifest of this invocation (status 'running'), keeping earlier invocations'
+    provenance under `previous`; not written yet."""
     seeds = sorted(set(exp.cfg.values("seed")))
     manifest = records.collect_manifest(
         out=exp.out,
@@ -327,11 +336,34 @@ def _start_manifest(exp: _Experiment, jobs: int, source: dict) -> dict:
         data_source=source,
         extra={"jobs": jobs, "status": "running", "runs": len(exp.runs)},
     )
-    earlier = records.read_manifest(exp.out)
     if earlier is not None:
         manifest["previous"] = [*earlier.pop("previous", []), earlier]
-    records.write_manifest(exp.out, manifest)
     return manifest
+
+
+def _same_data(exp: _Experiment, source: dict, earlier: dict | None, force: bool) -> _Experiment:
+    """Refuse to add runs trained on other data to OUT's finished ones (DataError, exit 3);
+    with `force`, start over: every run of the config is trained again.
+
+    The data's identity is `bnexp.data.fingerprint` of the files the splits came from and the
+    split settings, as the manifest of the invocation that trained the finished runs records.
+    """
+    from bnexp.data import fingerprint
+
+    old_source = (earlier or {}).get("data") or {}
+    new = source.get("fingerprint")
+    if new is None or len(exp.todo) == len(exp.runs) or "files" not in old_source:
+        return exp  # in-memory data, nothing finished yet, or no record of the data
+    old = old_source.get("fingerprint") or fingerprint(old_source)
+    if old == new:
+        return exp
+    if not force:
+        raise DataError(
+            f"{exp.out} holds runs trained on other data (fingerprint {old}, this data {new}); "
+            "point --data-dir at the same CIFAR-10 files, use a new -o folder, or --force to "
+            "start over"
+        )
+    return dataclasses.replace(exp, todo=list(range(len(exp.runs))))
 
 
 def _train_and_record(exp: _Experiment, data, jobs: int, progress: bool, manifest: dict) -> int:
@@ -339,8 +371,13 @@ def _train_and_record(exp: _Experiment, data, jobs: int, progress: bool, manifes
     manifest's final status says whether all finished, Ctrl-C stopped it, or it failed."""
     status, trained, start = "failed", 0, time.perf_counter()
     try:
+        # Inside the try: a signal right after 'running' is written still ends as 'interrupted'.
+        records.write_manifest(exp.out, manifest)
+        unfinished = set(exp.todo)
         for run_indices, results in execute(_group_jobs(exp.runs, exp.todo), data, jobs, progress):
             for i, result in zip(run_indices, results, strict=True):
+                if i not in unfinished:
+                    continue  # trained again only to keep its group whole; its record stands
                 summary = run_summary(exp.runs[i], exp.ids[i], result, data)
                 config = run_config_dict(exp.runs[i])
                 records.write_run(exp.out, exp.ids[i], config, summary, run_metrics(summary))
@@ -360,6 +397,20 @@ def _train_and_record(exp: _Experiment, data, jobs: int, progress: bool, manifes
         )
         records.write_manifest(exp.out, manifest)
     return trained
+
+
+def _train(exp: _Experiment, data, data_dir, jobs, force, progress, log) -> int:
+    """Load the data, check it is the data of OUT's finished runs, then train and record."""
+    source = {"provided": "in-memory arrays"}
+    if data is None:
+        data, source = load_train_data(exp.cfg, data_dir, log)
+    earlier = records.read_manifest(exp.out, note=log)
+    exp = _same_data(exp, source, earlier, force)
+    # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
+    # behind that would then refuse the next, different config as if it held results.
+    records.prepare_output_dir(exp.out, exp.config_yaml, force=force)
+    manifest = _new_manifest(exp, jobs, source, earlier)
+    return _train_and_record(exp, data, jobs, progress, manifest)
 
 
 def _stderr(message: str) -> None:
@@ -404,19 +455,14 @@ def run_experiment(
     log = log or _stderr
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    exp = _survey(cfg, out, force)
-    skipped, trained = len(exp.runs) - len(exp.todo), 0
-    if skipped:
-        log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
-    if exp.todo:
-        source = {"provided": "in-memory arrays"}
-        if data is None:
-            data, source = load_train_data(cfg, data_dir, log)
-        # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
-        # behind that would then refuse the next, different config as if it held results.
-        records.prepare_output_dir(exp.out, exp.config_yaml, force=force)
-        manifest = _start_manifest(exp, jobs, source)
-        trained = _train_and_record(exp, data, jobs, progress, manifest)
+    # One process per OUT: a second one stops with one line naming the holder (exit 4).
+    with records.output_lock(out):
+        exp = _survey(cfg, out, force)
+        skipped, trained = len(exp.runs) - len(exp.todo), 0
+        if skipped:
+            log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
+        if exp.todo:
+            trained = _train(exp, data, data_dir, jobs, force, progress, log)
     summaries = records.read_summaries(exp.out, exp.ids)
     plots: list[Path] = []
     if plot and summaries:

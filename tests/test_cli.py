@@ -79,6 +79,26 @@ def test_rerun_resumes_and_other_config_needs_force(tmp_path, fake_data):
     assert forced.exit_code == 0 and "2 runs trained" in forced.output
 
 
+def test_resume_on_other_data_is_refused_and_force_starts_over(tmp_path, fake_data):
+    out = tmp_path / "out"
+    assert invoke("train", "-o", out, "--data-dir", fake_data, *SMALL).exit_code == 0
+    first = {p.parent.name: p.read_text() for p in out.glob("runs/*/summary.json")}
+    next(iter(out.glob("runs/*/summary.json"))).unlink()  # one run left to train
+    # Other images in the same files: same names and sizes, other contents.
+    x, y, xt, yt = make_learnable_images(np.random.default_rng(2), 5 * 100, 60)
+    write_binary(fake_data.parent, x, y, xt, yt, n_batch=100)
+    old = json.loads((out / "manifest.json").read_text())["data"]["fingerprint"]
+    refused = invoke("train", "-o", out, "--data-dir", fake_data.parent, *SMALL)
+    assert refused.exit_code == 3 and "Traceback" not in refused.output
+    errors = [line for line in refused.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "other data" in errors[0] and old in errors[0]
+    assert len(list(out.glob("runs/*/summary.json"))) == 1  # nothing trained or removed
+    forced = invoke("train", "-o", out, "--data-dir", fake_data.parent, *SMALL, "--force")
+    assert forced.exit_code == 0 and "2 runs trained" in forced.output
+    now = {p.parent.name: p.read_text() for p in out.glob("runs/*/summary.json")}
+    assert now.keys() == first.keys() and all(now[k] != first[k] for k in now)
+
+
 def test_sweep_init_draws_the_sweep_figure_and_plot_redraws_without_training(
     tmp_path, fake_data, monkeypatch
 ):

@@ -205,7 +205,7 @@ def test_stale_plot_temporaries_are_removed_and_nothing_else(tmp_path):
 
 def test_replicates_are_a_mean_line_with_a_one_sd_band_and_dots():
     cfg, summaries = replicate_summaries()
-    scales = list(cfg.model.weight_scale)
+    scales = list(cfg.values("model.weight_scale"))
     fig = plots.build_sweep_figure(summaries)
     for ax, key in zip(
         fig.axes, ("best_val_acc", "best_train_acc", "final_train_loss"), strict=True
