@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -166,8 +168,9 @@ def _experiment_options(command):
             # reported by bnexp.records like every other unusable OUT.
             type=click.Path(),
             default=None,
-            help="Output folder [default: results/<config name>/]. One bnexp process at a "
-            "time: a second one on the same folder stops (exit 4).",
+            help="Output folder [default: results/<config name>/, or results/<config name>-<hash>/ "
+            "with KEY=VALUE overrides]. One bnexp process at a time: a second one on the same "
+            "folder stops (exit 4).",
         ),
         _data_dir_option,
         click.option(
@@ -189,16 +192,29 @@ def _experiment_options(command):
     return command
 
 
+def default_output_dir(cfg, overrides) -> Path:
+    """results/<name>, or results/<name>-<8 hex of the resolved config> when KEY=VALUE overrides
+    changed it: an overridden experiment never lands in (or is refused by) the folder of the
+    experiment it came from, and the same overrides always find their own folder again."""
+    from bnexp.config import config_to_yaml
+
+    if not overrides:
+        return Path("results") / cfg.name
+    digest = hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:8]
+    return Path("results") / f"{cfg.name}-{digest}"
+
+
 def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrides):
     """Load the config, run the experiment, print the summary table and where things are."""
-    from pathlib import Path
 
     from bnexp.config import load_config
     from bnexp.report import summary_table
     from bnexp.sweep import run_experiment
 
     cfg = load_config(config_path, overrides, command=command_name)
-    out = Path(out) if out is not None else Path("results") / cfg.name
+    if out is None:
+        out = default_output_dir(cfg, overrides)
+        click.echo(f"output: {out}", err=True)
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     result = run_experiment(

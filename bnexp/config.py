@@ -730,8 +730,17 @@ def load_config(
     elif isinstance(paths, (str, Path)):
         paths = (paths,)
     layers = [_default_layer(command)]
-    layers += [(_read_file(Path(p)), str(p)) for p in paths]
+    layers += [(_named(_read_file(Path(p)), Path(p)), str(p)) for p in paths]
     return _load_layers(layers, overrides)
+
+
+def _named(raw: dict, path: Path) -> dict:
+    """A file that names no experiment is named after itself (its stem, made folder-safe), so
+    its results do not go to the default experiment's folder."""
+    if "name" in raw:
+        return raw
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip("._-") or "experiment"
+    return {"name": stem, **raw}
 
 
 def default_config_path(command: str) -> Path | None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fakecifar import make_learnable_images, write_binary
 
 from bnexp import download, records, sweep
 from bnexp.cli import main
+from bnexp.config import load_config
 from bnexp.report import summary_table
 
 SMALL = [
@@ -97,6 +99,28 @@ def test_resume_on_other_data_is_refused_and_force_starts_over(tmp_path, fake_da
     assert forced.exit_code == 0 and "2 runs trained" in forced.output
     now = {p.parent.name: p.read_text() for p in out.glob("runs/*/summary.json")}
     assert now.keys() == first.keys() and all(now[k] != first[k] for k in now)
+
+
+def test_overrides_and_partial_files_get_their_own_folder(tmp_path, fake_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = invoke("train", "--data-dir", fake_data, *SMALL[:-1], "train.epochs=2")
+    assert plain.exit_code == 0, plain.output
+    (folder,) = (tmp_path / "results").iterdir()
+    assert (
+        folder.name.startswith("bn_vs_baseline-")
+        and f"output: {Path('results') / folder.name}" in plain.output
+    )
+    # Other overrides: another folder, never a refusal of the first one's results.
+    other = invoke("train", "--data-dir", fake_data, *SMALL[:-1], "train.epochs=1")
+    assert other.exit_code == 0, other.output
+    assert len(list((tmp_path / "results").iterdir())) == 2
+    # The same overrides again: the same folder, found finished.
+    again = invoke("train", "--data-dir", fake_data, *SMALL[:-1], "train.epochs=2")
+    assert again.exit_code == 0 and "0 runs trained, 2 already finished" in again.output
+    # A file that names no experiment is named after itself.
+    (tmp_path / "partial.yaml").write_text("train: {epochs: 1}\n")
+    assert load_config(tmp_path / "partial.yaml", command="train").name == "partial"
+    assert load_config(None, command="train").name == "bn_vs_baseline"
 
 
 def test_sweep_init_draws_the_sweep_figure_and_plot_redraws_without_training(

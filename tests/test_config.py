@@ -1,5 +1,6 @@
 """Config loading: strict validation with file+key errors, grids, overrides, expansion, run ids."""
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -185,13 +186,13 @@ def test_expansion_order_is_fixed(tmp_path):
     a = write(
         tmp_path,
         "model: {batchnorm: [true, false], weight_scale: [0.1, 0.01]}\n"
-        "train: {learning_rate: [1e-3, 1e-2]}\nseed: [5, 6]\n",
+        "train: {learning_rate: [1e-3, 1e-2]}\nseed: [5, 6]\nname: same\n",
         "a.yaml",
     )
     # Same config, keys in another order: same expansion.
     b = write(
         tmp_path,
-        "seed: [5, 6]\ntrain: {learning_rate: [1e-3, 1e-2]}\n"
+        "seed: [5, 6]\ntrain: {learning_rate: [1e-3, 1e-2]}\nname: same\n"
         "model: {weight_scale: [0.1, 0.01], batchnorm: [true, false]}\n",
         "b.yaml",
     )
@@ -334,8 +335,9 @@ def test_shipped_configs_keep_their_run_ids(name):
 def test_partial_file_layers_over_the_commands_default(tmp_path):
     partial = write(tmp_path, "train: {epochs: 1}\n")
     cfg = C.load_config(partial, command="train")
-    assert cfg.train.epochs == 1
-    assert cfg == C.load_default_config("train", ["train.epochs=1"])  # two networks, not 40
+    assert cfg.train.epochs == 1 and cfg.name == "x"  # a file without a name is named after itself
+    default = C.load_default_config("train", ["train.epochs=1"])
+    assert dataclasses.replace(cfg, name=default.name) == default  # two networks, not 40
     assert len(C.expand_runs(cfg)) == 2
     sweep = C.load_config(partial, command="sweep-init")
     assert len(C.expand_runs(sweep)) == 40 and sweep.train.epochs == 1
