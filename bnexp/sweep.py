@@ -443,7 +443,8 @@ def run_experiment(
     data : already loaded splits with X_train, y_train, X_val, y_val, X_test, y_test (tests);
         skips loading from `data_dir`.
 
-    When every run is already finished, no data is loaded and nothing but the figures is written.
+    When every run is already finished, no data is loaded and nothing is written (the figures
+    are drawn only if OUT has none; `bnexp plot` redraws them).
 
     Raises
     ------
@@ -465,10 +466,13 @@ def run_experiment(
             trained = _train(exp, data, data_dir, jobs, force, progress, log)
     summaries = records.read_summaries(exp.out, exp.ids)
     plots: list[Path] = []
-    if plot and summaries:
+    drawn = sorted((exp.out / "plots").glob("*.png"))
+    if plot and summaries and (trained or not drawn):
         from bnexp.plots import plot_results
 
         plots = plot_results(exp.out)
+    elif plot:
+        plots = drawn  # nothing new to draw: an invocation that trains nothing writes nothing
     return ExperimentResult(
         out=exp.out, summaries=summaries, trained=trained, skipped=skipped, plots=plots
     )

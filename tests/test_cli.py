@@ -81,6 +81,23 @@ def test_rerun_resumes_and_other_config_needs_force(tmp_path, fake_data):
     assert forced.exit_code == 0 and "2 runs trained" in forced.output
 
 
+def test_a_finished_folder_reruns_offline_and_changes_no_file(tmp_path, fake_data):
+    out = tmp_path / "out"
+    assert invoke("train", "-o", out, "--data-dir", fake_data, *SMALL).exit_code == 0
+
+    def snapshot():
+        return {
+            p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()
+        }
+
+    before = snapshot()
+    again = invoke("train", "-o", out, "--data-dir", tmp_path / "no-cifar-here", *SMALL)
+    assert again.exit_code == 0, again.output
+    assert "0 runs trained, 2 already finished" in again.output
+    assert "figure: " in again.output and snapshot() == before
+    assert not (tmp_path / "no-cifar-here").exists()
+
+
 def test_resume_on_other_data_is_refused_and_force_starts_over(tmp_path, fake_data):
     out = tmp_path / "out"
     assert invoke("train", "-o", out, "--data-dir", fake_data, *SMALL).exit_code == 0
