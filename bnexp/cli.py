@@ -264,12 +264,20 @@ _svg_option = click.option("--svg", is_flag=True, help="Also write each figure a
 @main.command()
 @click.argument("out", type=click.Path())
 @_svg_option
+@click.option(
+    "--x",
+    "x_key",
+    default=None,
+    metavar="KEY",
+    help="Swept number on the sweep figure's x axis, e.g. learning_rate or train.batch_size "
+    "[default: the weight scale when it varies, else the setting with most values].",
+)
 @reports_errors
-def plot(out, svg):
+def plot(out, svg, x_key):
     """(Re)draw the figures of a finished or partial result folder OUT (never retrains)."""
     from bnexp.plots import plot_results
 
-    for path in plot_results(out, formats=("png", "svg") if svg else ("png",)):
+    for path in plot_results(out, formats=("png", "svg") if svg else ("png",), x=x_key):
         click.echo(f"figure: {path}")
 
 

@@ -465,6 +465,7 @@ def build_curves_figure(summaries: Sequence[dict], expected_runs: int | None = N
     rate, ...), the mean over its seeds with a ± 1 SD band when there are several. The legend
     sits below the axes, one entry per line.
     """
+    summaries = report.with_axes(summaries)
     runs = select_curve_runs(summaries)
     varying = report.varying_keys(summaries)
     lines = _make_lines(runs, None, [k for k in varying if k not in ("batchnorm", "seed")])
@@ -624,38 +625,90 @@ def _sweep_canvas(n_handles: int, caption_text: str, marks: bool) -> tuple[Figur
     return fig, axes, caption_h
 
 
-def _share_log_x(axes) -> None:
-    """One log weight-scale axis for the stacked panels, labelled on the bottom one only.
+def _is_log_axis(lines: Sequence[Line]) -> bool:
+    """A log x axis when every x is positive and they span a decade or more (a logspace grid)."""
+    xs = [x for line in lines for x in line.xs]
+    return bool(xs) and min(xs) > 0 and max(xs) >= 10 * min(xs)
+
+
+def _share_x(axes, log: bool) -> None:
+    """One x axis for the stacked panels, labelled on the bottom one only.
 
     Not sharex: shared axes share their tickers, and the minor ticks the upper panels would
-    then draw (unlabelled) are a third of the drawing time; the bottom panel's minor ticks are
-    at 2 and 5 x 10^k only, for the same reason.
+    then draw (unlabelled) are a third of the drawing time; on a log axis the bottom panel's
+    minor ticks are at 2 and 5 x 10^k only, for the same reason.
     """
     for ax in axes:
-        ax.set_xscale("log")
+        ax.set_xscale("log" if log else "linear")
     low = min(ax.get_xlim()[0] for ax in axes)
     high = max(ax.get_xlim()[1] for ax in axes)
     for ax in axes:
         ax.set_xlim(low, high)
-        _mathtext_log_ticks(ax.xaxis)
-    axes[-1].xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        if log:
+            _mathtext_log_ticks(ax.xaxis)
+    if log:
+        axes[-1].xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
     for ax in axes[:-1]:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.tick_params(labelbottom=False)
 
 
-def build_sweep_figure(summaries: Sequence[dict], expected_runs: int | None = None) -> Figure:
-    """Best val accuracy, best train accuracy and final training loss vs weight scale.
+#: x-axis labels, figure titles and file names of the sweep figure for the usual axes.
+X_LABELS = {
+    "weight_scale": "weight initialization scale (W ~ scale x N(0, 1))",
+    "learning_rate": "learning rate",
+}
+SWEEP_TITLES = {
+    "weight_scale": "Weight initialization sweep",
+    "learning_rate": "Learning-rate sweep",
+}
+SWEEP_STEMS = {"weight_scale": "weight_init_sweep"}
 
-    One line per setting other than the weight scale (batch norm or baseline, learning rate, ...):
+
+def sweep_axis(summaries: Sequence[dict], requested: str | None = None) -> str | None:
+    """The numeric setting the sweep figure puts on x: `requested` when given, else the weight
+    scale when it varies, else the numeric setting with the most distinct values; None when no
+    numeric setting takes more than one value (then only the training curves are drawn).
+
+    Raises OutputError when `requested` is not a numeric setting of these runs.
+    """
+    summaries = report.with_axes(summaries)
+    counts = {}
+    for key in report.varying_keys(summaries):
+        values = {s.get(key) for s in summaries if key in s}
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric and key != "seed":
+            counts[key] = len(values)
+    if requested is not None:
+        short = requested.rsplit(".", 1)[-1]  # train.batch_size is summary.json's batch_size
+        requested = requested if requested in counts or short not in counts else short
+        if requested not in counts:
+            choices = ", ".join(counts) or "none: no numeric setting varies"
+            raise OutputError(
+                f"--x {requested}: not a swept numeric setting of these runs; choose from {choices}"
+            )
+        return requested
+    if "weight_scale" in counts:
+        return "weight_scale"
+    return max(counts, key=counts.get) if counts else None
+
+
+def build_sweep_figure(
+    summaries: Sequence[dict], expected_runs: int | None = None, x_key: str = "weight_scale"
+) -> Figure:
+    """Best val accuracy, best train accuracy and final training loss vs a swept number
+    (`x_key`: the weight scale by default, any numeric setting, see `sweep_axis`).
+
+    One line per setting other than x (batch norm or baseline, learning rate, ...):
     the mean over its seeds, with a ± 1 SD band and a faint dot per seed when there are several.
     Diverged runs are red x markers: at the run's accuracy when finite, else on the bottom edge;
     on the loss panel (linear, 1 to 3.5) diverged and blown-up runs sit on the top edge with
     their value written above.
     """
+    summaries = report.with_axes(summaries)
     varying = report.varying_keys(summaries)
-    label_keys = [k for k in varying if k not in ("batchnorm", "seed", "weight_scale")]
-    lines = _make_lines(summaries, "weight_scale", label_keys)
+    label_keys = [k for k in varying if k not in ("batchnorm", "seed", x_key)]
+    lines = _make_lines(summaries, x_key, label_keys)
     marks = _loss_marks(lines)
     handles = _sweep_handles(lines, marks)
     text = caption(summaries, expected_runs)
@@ -674,9 +727,10 @@ def build_sweep_figure(summaries: Sequence[dict], expected_runs: int | None = No
         ax.set_title(title, pad=pad)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    _share_log_x(axes)
-    axes[-1].set_xlabel("weight initialization scale (W ~ scale x N(0, 1))")
-    fig.suptitle("Weight initialization sweep: batch norm vs baseline", fontsize=13, y=0.995)
+    _share_x(axes, _is_log_axis(lines))
+    axes[-1].set_xlabel(X_LABELS.get(x_key, x_key))
+    fig.suptitle(f"{SWEEP_TITLES.get(x_key, x_key + ' sweep')}: batch norm vs baseline",
+                 fontsize=13, y=0.995)  # fmt: skip
     _caption(fig, text, 100)
     _legend_below(fig, handles, 2, caption_h + 0.05)
     return fig
@@ -749,7 +803,9 @@ def _plots_folder(out: Path) -> Path:
     return folder
 
 
-def plot_results(out: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+def plot_results(
+    out: str | Path, formats: Sequence[str] = ("png",), x: str | None = None
+) -> list[Path]:
     """Draw the figures of a finished or partial result folder into OUT/plots/.
 
     Only runs of OUT/config.yaml are drawn (a --force re-run may leave older runs behind); the
@@ -759,6 +815,9 @@ def plot_results(out: str | Path, formats: Sequence[str] = ("png",)) -> list[Pat
     Parameters
     ----------
     formats : file types to write, from FORMATS ("png", "svg"); PNG alone by default.
+    x : the swept numeric setting on the sweep figure's x axis (`sweep_axis` picks one when
+        None); the figure is ``weight_init_sweep`` for the weight scale, else
+        ``sweep_<key>`` (dots as underscores).
 
     Returns
     -------
@@ -774,10 +833,12 @@ def plot_results(out: str | Path, formats: Sequence[str] = ("png",)) -> list[Pat
     formats = _check_formats(formats)
     summaries, expected = records.read_current_summaries(out, "plot")
     folder = _plots_folder(out)
-    figures = [("training_curves", build_curves_figure)]
-    if len([s for s in _values(summaries, "weight_scale") if s is not None]) > 1:
-        figures.append(("weight_init_sweep", build_sweep_figure))
-    paths: list[Path] = []
-    for stem, build in figures:
-        paths += save_figure(build(summaries, expected), folder, stem, formats)
+    paths = save_figure(
+        build_curves_figure(summaries, expected), folder, "training_curves", formats
+    )
+    x_key = sweep_axis(summaries, x)
+    if x_key is not None:
+        fig = build_sweep_figure(summaries, expected, x_key)
+        stem = SWEEP_STEMS.get(x_key, "sweep_" + x_key.replace(".", "_"))
+        paths += save_figure(fig, folder, stem, formats)
     return paths

@@ -59,8 +59,8 @@ RESULTS_COLUMNS = (
     "seed",
     "test_acc",
 )
-#: Swept keys that already have a column of RESULTS_COLUMNS.
-_AXIS_COLUMNS = {
+#: Swept keys that already have a column of RESULTS_COLUMNS (and a field of summary.json).
+AXIS_COLUMNS = {
     "seed": "seed",
     "model.weight_scale": "weight_scale",
     "model.batchnorm": "batchnorm",
@@ -74,7 +74,7 @@ def results_columns(summaries: Sequence[dict]) -> tuple[str, ...]:
     for s in summaries:
         axes = s.get("axes")
         for key in axes if isinstance(axes, dict) else ():
-            if key not in _AXIS_COLUMNS:
+            if key not in AXIS_COLUMNS:
                 extra[key] = None
     return RESULTS_COLUMNS + tuple(extra)
 

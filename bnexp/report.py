@@ -22,6 +22,7 @@ RESULT_FIELDS = frozenset(
         "run_id",
         "index",
         "seed",
+        "iterations_per_epoch",  # follows from num_train and batch_size
         "train_acc_history",
         "val_acc_history",
         "check_iterations",
@@ -43,8 +44,26 @@ SHORT_NAMES = {"weight_scale": "scale", "learning_rate": "lr"}
 
 
 def is_setting(key: str) -> bool:
-    """True when a summary field defines the run (a config value) rather than reports on it."""
-    return key not in RESULT_FIELDS and not key.endswith(RESULT_SUFFIXES)
+    """True when a summary field defines the run (a config value) rather than reports on it.
+
+    ``axes`` is not one: `with_axes` spreads it into fields of their own first.
+    """
+    return key not in RESULT_FIELDS and key != "axes" and not key.endswith(RESULT_SUFFIXES)
+
+
+def with_axes(summaries: Sequence[dict]) -> list[dict]:
+    """The summaries with every swept key of their ``axes`` as a field of its own, named by its
+    dotted key (``model.dropout_keep``), unless summary.json has a field for it already under its
+    last name (``batch_size``, ``weight_scale``, ``seed``, ...). Summaries without ``axes`` are
+    returned as they are."""
+    out = []
+    for s in summaries:
+        axes = s.get("axes")
+        if isinstance(axes, dict):
+            own = {k: v for k, v in axes.items() if k.rsplit(".", 1)[-1] not in s}
+            s = {**s, **own}
+        out.append(s)
+    return out
 
 
 def hashable(value: Any) -> Any:
@@ -190,6 +209,7 @@ def summary_table(summaries: Sequence[dict]) -> str:
     With one seed a row shows each run's values; with several seeds (replicates) a row is one
     setting and shows mean±SD over its seeds (sample SD, finite values only) and n.
     """
+    summaries = with_axes(summaries)
     several_seeds = len({hashable(s.get("seed")) for s in summaries}) > 1
     keys = _row_keys(summaries)
     rows: dict[tuple, dict[bool, list[dict]]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from fakecifar import make_learnable_images, write_binary
 
-from bnexp import download, records, sweep
+from bnexp import download, plots, records, sweep
 from bnexp.cli import main
 from bnexp.config import load_config
 from bnexp.report import summary_table
@@ -35,6 +36,11 @@ def fake_data(tmp_path, monkeypatch):
     monkeypatch.delenv("BNEXP_DATA_DIR", raising=False)
     x, y, xt, yt = make_learnable_images(np.random.default_rng(1), 5 * 100, 60)
     return write_binary(tmp_path / "cifar", x, y, xt, yt, n_batch=100)
+
+
+def csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def invoke(*args):
@@ -116,6 +122,39 @@ def test_resume_on_other_data_is_refused_and_force_starts_over(tmp_path, fake_da
     assert forced.exit_code == 0 and "2 runs trained" in forced.output
     now = {p.parent.name: p.read_text() for p in out.glob("runs/*/summary.json")}
     assert now.keys() == first.keys() and all(now[k] != first[k] for k in now)
+
+
+def test_any_swept_number_gets_its_sweep_figure_and_replicates_are_summarised(tmp_path, fake_data):
+    out = tmp_path / "grid"
+    axes = [
+        "seed=[1, 2]",
+        "train.learning_rate={logspace: [-4, -2, 3]}",
+        "model.weight_scale=0.02",
+        "train.batch_size=[20, 40]",
+        "train.epochs=1",
+    ]
+    result = invoke("sweep-init", "-o", out, "--data-dir", fake_data, *SMALL[:-1], *axes)
+    assert result.exit_code == 0, result.output
+    rows = csv_rows(out / "results.csv")
+    assert len(rows) == 24 and {r["train.batch_size"] for r in rows} == {"20", "40"}
+    # The learning rate varies most (3 values): it is the x axis; the seeds are summarised.
+    assert (out / "plots" / "sweep_learning_rate.png").is_file()
+    assert not (out / "plots" / "weight_init_sweep.png").exists()
+    table = summary_table(records.read_summaries(out))
+    assert table in result.output
+    head, *_, last = table.splitlines()
+    assert "n" in head.split() and len(table.splitlines()) == 2 + 3 * 2  # lr x batch size
+    assert "batch_size" in head.split() and "train.batch_size" not in head.split()
+    assert last.split()[3] == "2"  # n: two seeds behind each cell
+    fig = plots.build_sweep_figure(records.read_summaries(out), x_key="learning_rate")
+    labels = {
+        ln.get_label() for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")
+    }
+    assert {"batch norm, batch_size 20", "baseline, batch_size 40"} <= labels
+    redraw = invoke("plot", out, "--x", "train.batch_size")
+    assert redraw.exit_code == 0 and (out / "plots" / "sweep_batch_size.png").is_file()
+    bad = invoke("plot", out, "--x", "model.reg")
+    assert_one_error_line(bad, 4, "--x model.reg", "learning_rate")
 
 
 def test_overrides_and_partial_files_get_their_own_folder(tmp_path, fake_data, monkeypatch):
