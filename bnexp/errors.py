@@ -23,3 +23,9 @@ class OutputError(BnexpError):
     """The output folder cannot be written, or holds results of a different config."""
 
     exit_code = 4
+
+
+class ClusterError(BnexpError):
+    """Dask is not installed, or its scheduler cannot be reached or went away mid-run."""
+
+    exit_code = 5

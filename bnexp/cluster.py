@@ -1,0 +1,313 @@
+"""Run lockstep groups on a Dask cluster: one Dask task per group, each group's results streamed
+back as it finishes. The same contract as `bnexp.executor.execute`, so records, resume and
+interruption do not depend on where a group ran.
+
+Scheduler
+---------
+``scheduler`` is the address of a running Dask scheduler (``tcp://host:8786``: started by hand
+with ``dask scheduler`` and ``dask worker``, or by dask-jobqueue or dask-kubernetes), or
+``local:N``: a LocalCluster of N single-threaded worker processes on this machine, started for
+the call and closed at its end (a quick try). Workers need bnexp and its dependencies installed;
+they need no CIFAR-10 copy.
+
+Data: scattered once
+--------------------
+The training data (`bnexp.train.TrainData`, float64) are scattered at the start with
+``Client.scatter(broadcast=True)``: the client sends them once to the scheduler, which places
+them on one worker and has the others copy them from it. Every task then refers to that one copy,
+so a task carries only its job (the group's random plan: a few MB). A worker that joins later gets
+the copy from a peer before its first group. Cost: the data's bytes once per worker, plus once
+through the scheduler (1.2 GB for the 49,000-image split); scattering rather than loading from a
+shared data dir means workers need no file system in common with the client.
+
+Identical numbers
+-----------------
+Every task sets one BLAS thread (threadpoolctl) before it trains, as ``--jobs`` does: OpenBLAS's
+multi-threaded float32 GEMM sums in another order. The limit is set and never restored, because a
+worker with several threads runs several groups at once and one task restoring the old limit
+would hand the others a multi-threaded BLAS mid-run. A group is one task and is never split, so
+the results equal ``--jobs 1`` when the workers run the same NumPy and BLAS build on the same kind
+of CPU as each other (OpenBLAS picks its kernels by CPU); each group's record names the worker's
+BLAS so a mixed cluster shows.
+
+Failures
+--------
+- A worker that dies mid-task (killed, out of memory): the scheduler reruns the group on another
+  worker (Dask's ``distributed.scheduler.allowed-failures``, 3 by default) and the results are
+  the same. A group that has killed more workers than that ends the call with ClusterError.
+- A scheduler that cannot be reached or goes away: ClusterError with one line; every group
+  yielded before it is final.
+- KeyboardInterrupt, an error, or the caller closing the generator: the remaining tasks are
+  cancelled, the client is closed, and so is a LocalCluster this call started. A group already
+  running on a worker cannot be interrupted: it runs to its end there and its result is dropped.
+  Close the generator (``contextlib.closing``) so this happens at once, not when it is collected.
+- An exception raised by training itself (a bug, MemoryError) is re-raised as it is.
+
+Which worker ran a group
+------------------------
+`run_on_dask` yields a `GroupOutcome` per group: its run indices, its results and ``worker``, a
+JSON-ready dict (``address``, ``name``, ``host``, ``blas``) for the manifest. `execute_on_dask`
+yields only ``(run_indices, results)``, exactly as `bnexp.executor.execute`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from bnexp.errors import ClusterError, ConfigError
+
+#: Seconds to wait for the scheduler to answer when connecting.
+CONNECT_SECONDS = 30
+#: Seconds to wait for the first worker (a batch queue may take a while to start one).
+WORKER_WAIT_SECONDS = 300
+#: Seconds to wait for the client and a local cluster to shut down.
+CLOSE_SECONDS = 10
+INSTALL_HINT = "pip install -e '.[dask]'"
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    """One finished group: `results` in `run_indices` order, and the worker that trained it."""
+
+    run_indices: tuple[int, ...]
+    results: list
+    worker: dict
+
+
+# --- what runs on a worker ------------------------------------------------------------------
+
+
+def _blas_summary() -> str:
+    """The BLAS this process uses, e.g. 'openblas 0.3.31 Haswell, 1 thread'."""
+    libs = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return "; ".join(
+        f"{lib.get('internal_api')} {lib.get('version')} {lib.get('architecture', '')}".rstrip()
+        + f", {lib.get('num_threads')} thread"
+        for lib in libs
+    )
+
+
+def _train_on_worker(job, data) -> tuple[list, dict]:
+    """Dask task: train one group with one BLAS thread; return its results and who ran it."""
+    from distributed import get_worker
+
+    # Set, never restored: see "Identical numbers" in the module docstring.
+    threadpool_limits(limits=1, user_api="blas")
+    results = job.run(data)
+    worker = get_worker()
+    identity = {
+        "address": worker.address,
+        "name": str(worker.name),
+        "host": socket.gethostname(),
+        "blas": _blas_summary(),
+    }
+    return results, identity
+
+
+# --- connecting -----------------------------------------------------------------------------
+
+
+def _import_distributed():
+    """The `distributed` package, or ClusterError saying how to install it."""
+    try:
+        import distributed
+    except ImportError:
+        raise ClusterError(
+            f"--scheduler needs Dask, which is not installed: run {INSTALL_HINT}"
+        ) from None
+    return distributed
+
+
+def local_workers(scheduler: str) -> int | None:
+    """N of a ``local:N`` scheduler, None for an address; ConfigError for a bad ``local:``."""
+    if not scheduler.startswith("local"):
+        return None
+    count = scheduler.partition(":")[2]
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(
+            f"--scheduler {scheduler!r}: use local:N with N >= 1 worker processes, "
+            "or a scheduler address such as tcp://host:8786"
+        )
+    return int(count)
+
+
+def _connect(distributed, scheduler: str):
+    """(client, local cluster or None) for `scheduler`; ClusterError when it cannot be reached."""
+    n_local = local_workers(scheduler)
+    if n_local is not None:
+        # silence_logs: workers cancelled by Ctrl-C would print warnings over the one-line report.
+        cluster = distributed.LocalCluster(
+            n_workers=n_local,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        try:
+            return distributed.Client(cluster), cluster
+        except BaseException:
+            cluster.close(timeout=CLOSE_SECONDS)
+            raise
+    try:
+        client = distributed.Client(scheduler, timeout=CONNECT_SECONDS)
+    except ValueError as exc:
+        raise ConfigError(f"--scheduler {scheduler!r}: {exc}") from None
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {scheduler} within {CONNECT_SECONDS} s "
+            f"({type(exc).__name__}); start it (dask scheduler) or fix --scheduler"
+        ) from None
+    return client, None
+
+
+def _wait_and_scatter(client, scheduler: str, data):
+    """Wait for a worker, then put `data` on every worker once; the future of that copy."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
+    except TimeoutError:
+        raise ClusterError(
+            f"no Dask worker joined the scheduler at {scheduler} within "
+            f"{WORKER_WAIT_SECONDS} s; start one with: dask worker {scheduler} --nthreads 1"
+        ) from None
+    # hash=False: tokenizing 1.2 GB of images would only cost time; one scatter per call.
+    return client.scatter(data, broadcast=True, hash=False)
+
+
+@contextlib.contextmanager
+def _dask_logs_at(level: int):
+    """Raise Dask's loggers to `level` meanwhile: the caller reports failures in one line."""
+    names = ["distributed"] + [
+        name
+        for name, logger in logging.root.manager.loggerDict.items()
+        if name.startswith("distributed.") and isinstance(logger, logging.Logger)
+    ]
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            logging.getLogger(name).setLevel(old)
+
+
+def _shut_down(client, cluster, pending) -> None:
+    """Cancel what has not finished, close the client and a cluster this call started."""
+    # A client whose scheduler is gone logs its reconnect attempt being cancelled: noise.
+    with _dask_logs_at(logging.CRITICAL + 1):
+        with contextlib.suppress(Exception):
+            if pending and client.status == "running":
+                client.cancel(list(pending))
+        with contextlib.suppress(Exception):
+            client.close(timeout=CLOSE_SECONDS)
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=CLOSE_SECONDS)
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+def _outcome(distributed, future, job, client, scheduler: str) -> GroupOutcome:
+    """The finished task's outcome, or ClusterError when the cluster lost or gave up on it."""
+    runs = f"runs {job.run_indices[0]}-{job.run_indices[-1]}"
+    try:
+        results, worker = future.result()
+    except CancelledError:
+        if client.status == "running":
+            raise ClusterError(
+                f"the Dask scheduler at {scheduler} cancelled the group of {runs}; "
+                "finished groups are kept, run the same command to train the rest"
+            ) from None
+        raise ClusterError(
+            f"lost the Dask scheduler at {scheduler}; finished groups are kept, "
+            "run the same command again (with a running scheduler) to train the rest"
+        ) from None
+    except distributed.KilledWorker:
+        raise ClusterError(
+            f"the group of {runs} killed every Dask worker it ran on (out of memory?); "
+            "give the workers more memory, or split the sweep"
+        ) from None
+    return GroupOutcome(tuple(job.run_indices), results, worker)
+
+
+def _progress_bar(total: int, progress: bool):
+    """A tqdm bar on stderr in network-iterations (drawn only on a terminal), as --jobs shows."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="net-it",
+        desc="training",
+        disable=None if progress else True,
+        file=sys.stderr,
+        smoothing=0.1,
+    )
+
+
+def run_on_dask(jobs: Sequence, data, scheduler: str, progress: bool) -> Iterator[GroupOutcome]:
+    """Train every job as one Dask task; yield a `GroupOutcome` for each as it finishes.
+
+    Parameters
+    ----------
+    jobs : picklable groups with `run_indices`, `work` (network-iterations) and
+        `run(data) -> results`; see `bnexp.executor.execute`.
+    data : the `bnexp.train.TrainData` every job trains on, scattered to each worker once.
+    scheduler : ``tcp://host:port`` of a running scheduler, or ``local:N``.
+    progress : show a progress bar on stderr, advanced as groups finish.
+
+    Raises
+    ------
+    ClusterError : Dask missing, scheduler unreachable or lost, a group killed its workers.
+    ConfigError : a malformed ``local:N``.
+    """
+    distributed = _import_distributed()
+    local_workers(scheduler)  # a malformed local:N fails before anything starts
+    if not jobs:
+        return
+    client = cluster = None
+    pending: dict = {}
+    bar = _progress_bar(sum(job.work for job in jobs), progress)
+    try:
+        with _dask_logs_at(logging.ERROR):
+            client, cluster = _connect(distributed, scheduler)
+            shared = _wait_and_scatter(client, scheduler, data)
+            token = uuid.uuid4().hex[:8]
+            for n, job in enumerate(jobs):
+                # Larger groups first: the last group to start decides the wall time.
+                future = client.submit(
+                    _train_on_worker,
+                    job,
+                    shared,
+                    key=f"bnexp-group-{n}-{token}",
+                    priority=job.work,
+                )
+                pending[future] = job
+            for future in distributed.as_completed(list(pending)):
+                job = pending.pop(future)
+                outcome = _outcome(distributed, future, job, client, scheduler)
+                bar.update(job.work)
+                yield outcome
+    finally:
+        bar.close()
+        if client is not None:
+            _shut_down(client, cluster, pending)
+
+
+def execute_on_dask(jobs: Sequence, data, scheduler: str, progress: bool) -> Iterator[tuple]:
+    """`bnexp.executor.execute` on a Dask cluster: yield (job.run_indices, results) per group.
+
+    The worker of each group is dropped here; use `run_on_dask` to record it.
+    """
+    with contextlib.closing(run_on_dask(jobs, data, scheduler, progress)) as outcomes:
+        for outcome in outcomes:
+            yield outcome.run_indices, outcome.results
