@@ -7,8 +7,8 @@ Scheduler
 ``scheduler`` is the address of a running Dask scheduler (``tcp://host:8786``: started by hand
 with ``dask scheduler`` and ``dask worker``, or by dask-jobqueue or dask-kubernetes), or
 ``local:N``: a LocalCluster of N single-threaded worker processes on this machine, started for
-the call and closed at its end (a quick try). Workers need bnexp and its dependencies installed;
-they need no CIFAR-10 copy.
+the call and closed at its end (a quick try). The scheduler and every worker need the same bnexp
+and NumPy installed (the scheduler unpickles each task too); they need no CIFAR-10 copy.
 
 Data: scattered once
 --------------------
@@ -41,6 +41,7 @@ Failures
   cancelled, the client is closed, and so is a LocalCluster this call started. A group already
   running on a worker cannot be interrupted: it runs to its end there and its result is dropped.
   Close the generator (``contextlib.closing``) so this happens at once, not when it is collected.
+- A scheduler or worker that cannot unpickle a task (bnexp missing there): ClusterError.
 - An exception raised by training itself (a bug, MemoryError) is re-raised as it is.
 
 Which worker ran a group
@@ -69,6 +70,10 @@ from bnexp.errors import ClusterError, ConfigError
 CONNECT_SECONDS = 30
 #: Seconds to wait for the first worker (a batch queue may take a while to start one).
 WORKER_WAIT_SECONDS = 300
+#: Times a group is submitted again when a live scheduler drops it. Dask reruns the group of a
+#: dead worker itself, but a result that dies with its worker between finishing and reaching the
+#: client can come back as "cancelled" (reason "already forgotten") instead.
+RESUBMITS = 3
 #: Seconds to wait for the client and a local cluster to shut down.
 CLOSE_SECONDS = 10
 INSTALL_HINT = "pip install -e '.[dask]'"
@@ -178,8 +183,14 @@ def _wait_and_scatter(client, scheduler: str, data):
             f"no Dask worker joined the scheduler at {scheduler} within "
             f"{WORKER_WAIT_SECONDS} s; start one with: dask worker {scheduler} --nthreads 1"
         ) from None
-    # hash=False: tokenizing 1.2 GB of images would only cost time; one scatter per call.
-    return client.scatter(data, broadcast=True, hash=False)
+    try:
+        # hash=False: tokenizing 1.2 GB of images would only cost time; one scatter per call.
+        return client.scatter(data, broadcast=True, hash=False)
+    except (OSError, CancelledError):
+        raise ClusterError(
+            f"lost the Dask scheduler at {scheduler} while sending it the data; "
+            "check that it is running and has workers, then run the same command again"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -217,20 +228,50 @@ def _shut_down(client, cluster, pending) -> None:
 # --- results --------------------------------------------------------------------------------
 
 
-def _outcome(distributed, future, job, client, scheduler: str) -> GroupOutcome:
-    """The finished task's outcome, or ClusterError when the cluster lost or gave up on it."""
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _cannot_unpickle(exc: BaseException) -> bool:
+    """Whether a task failed because the scheduler or a worker could not unpickle it (bnexp
+    missing there, or another version): Dask reports that as ImportError or as a RuntimeError
+    about deserialization."""
+    return isinstance(exc, ImportError) or "deserializ" in str(exc)
+
+
+def _submit(client, job, shared, key: str):
+    """The future of one group's task, trained on the scattered data `shared`."""
+    # Larger groups first: the last group to start decides the wall time.
+    return client.submit(_train_on_worker, job, shared, key=key, priority=job.work)
+
+
+def _outcome(distributed, future, job, client, scheduler: str, attempt: int):
+    """The finished task's GroupOutcome; None when a live scheduler dropped the task and it may
+    be submitted again (attempt < RESUBMITS); ClusterError when the cluster lost or gave up on
+    it."""
     runs = f"runs {job.run_indices[0]}-{job.run_indices[-1]}"
     try:
         results, worker = future.result()
-    except CancelledError:
+    except CancelledError as exc:
+        if client.status == "running" and attempt < RESUBMITS:
+            return None
         if client.status == "running":
+            why = getattr(exc, "reason", None) or "no reason given"
             raise ClusterError(
-                f"the Dask scheduler at {scheduler} cancelled the group of {runs}; "
+                f"the Dask scheduler at {scheduler} cancelled the group of {runs} ({why}); "
                 "finished groups are kept, run the same command to train the rest"
             ) from None
         raise ClusterError(
             f"lost the Dask scheduler at {scheduler}; finished groups are kept, "
             "run the same command again (with a running scheduler) to train the rest"
+        ) from None
+    except (ImportError, RuntimeError) as exc:
+        if not _cannot_unpickle(exc):
+            raise
+        raise ClusterError(
+            f"the Dask scheduler or a worker cannot load the group of {runs} "
+            f"({_first_line(exc)}); install the same bnexp and NumPy on the scheduler and "
+            "every worker"
         ) from None
     except distributed.KilledWorker:
         raise ClusterError(
@@ -282,19 +323,20 @@ def run_on_dask(jobs: Sequence, data, scheduler: str, progress: bool) -> Iterato
             client, cluster = _connect(distributed, scheduler)
             shared = _wait_and_scatter(client, scheduler, data)
             token = uuid.uuid4().hex[:8]
+            finished = distributed.as_completed()
             for n, job in enumerate(jobs):
-                # Larger groups first: the last group to start decides the wall time.
-                future = client.submit(
-                    _train_on_worker,
-                    job,
-                    shared,
-                    key=f"bnexp-group-{n}-{token}",
-                    priority=job.work,
-                )
-                pending[future] = job
-            for future in distributed.as_completed(list(pending)):
-                job = pending.pop(future)
-                outcome = _outcome(distributed, future, job, client, scheduler)
+                future = _submit(client, job, shared, f"bnexp-group-{n}-{token}-0")
+                pending[future] = (n, 0)
+                finished.add(future)
+            for future in finished:
+                n, attempt = pending.pop(future)
+                job = jobs[n]
+                outcome = _outcome(distributed, future, job, client, scheduler, attempt)
+                if outcome is None:  # the result was lost with its worker: train the group again
+                    again = _submit(client, job, shared, f"bnexp-group-{n}-{token}-{attempt + 1}")
+                    pending[again] = (n, attempt + 1)
+                    finished.add(again)
+                    continue
                 bar.update(job.work)
                 yield outcome
     finally:

@@ -25,6 +25,8 @@ from bnexp.train import Member, TrainData
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.weight_scale=[1.0e-3, 5.0e-2, 1.0]", "train.batch_size=20", "data.num_train=100"]
+#: Epochs of the test groups: about a second of training per group, long enough to kill mid-task.
+EPOCHS = 40
 HAS_DASK = importlib.util.find_spec("distributed") is not None
 needs_dask = pytest.mark.skipif(not HAS_DASK, reason="Dask is not installed (the 'dask' extra)")
 
@@ -71,9 +73,15 @@ def group_jobs(epochs: int, widths=((16, 16), (24, 16))) -> list:
     return jobs
 
 
-def reference(jobs, data) -> dict:
-    """run_indices -> results of executor.execute(..., n_jobs=1), the in-process path."""
-    return dict(executor.execute(jobs, data, 1, False))
+_REFERENCES: dict = {}
+
+
+def reference(jobs, data, epochs: int) -> dict:
+    """run_indices -> results of executor.execute(..., n_jobs=1), the in-process path (computed
+    once per `epochs` for the jobs of `group_jobs(epochs)`)."""
+    if epochs not in _REFERENCES:
+        _REFERENCES[epochs] = dict(executor.execute(jobs, data, 1, False))
+    return _REFERENCES[epochs]
 
 
 def assert_same_results(got: list, want: list) -> None:
@@ -209,8 +217,8 @@ def test_unreachable_scheduler_is_one_cluster_error_line(monkeypatch, data, tmp_
 @pytest.mark.slow
 def test_two_workers_give_the_results_of_jobs_1_and_stream_them(dask_procs, data):
     address = dask_procs.start(workers=2)
-    jobs = group_jobs(epochs=20)
-    want = reference(jobs, data)
+    jobs = group_jobs(epochs=EPOCHS)
+    want = reference(jobs, data, EPOCHS)
     outcomes = []
     unfinished_at_first = None
     for outcome in cluster.run_on_dask(jobs, data, address, False):
@@ -235,10 +243,31 @@ def test_two_workers_give_the_results_of_jobs_1_and_stream_them(dask_procs, data
 
 @needs_dask
 @pytest.mark.slow
+def test_a_worker_without_the_jobs_code_is_one_cluster_error_line(dask_procs, data, tmp_path):
+    address = dask_procs.start(workers=1)
+    # A job class only this process can import: the scheduler and worker cannot unpickle it.
+    (tmp_path / "client_only_jobs.py").write_text(
+        "from bnexp.sweep import _GroupJob\n\nclass ClientOnlyJob(_GroupJob):\n    pass\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from client_only_jobs import ClientOnlyJob
+
+        job = ClientOnlyJob(**vars(group_jobs(epochs=1)[0]))
+        with pytest.raises(ClusterError, match="cannot load the group") as err:
+            list(cluster.execute_on_dask([job], data, address, False))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("client_only_jobs", None)
+    assert "\n" not in str(err.value)
+
+
+@needs_dask
+@pytest.mark.slow
 def test_a_worker_killed_mid_task_costs_a_redo_not_a_difference(dask_procs, data):
     address = dask_procs.start(workers=2)
-    jobs = group_jobs(epochs=80)
-    want = reference(jobs, data)
+    jobs = group_jobs(epochs=EPOCHS)
+    want = reference(jobs, data, EPOCHS)
     pids = dask_procs.worker_pids()
     killed = {}
 
@@ -273,10 +302,43 @@ def test_a_worker_killed_mid_task_costs_a_redo_not_a_difference(dask_procs, data
 
 @needs_dask
 @pytest.mark.slow
+def test_a_group_the_scheduler_drops_is_submitted_again(dask_procs, data):
+    # Dask reports a result lost with its worker before the client fetched it as "cancelled";
+    # a forced cancel from another client takes the same path, on purpose and every time.
+    from distributed import Future
+
+    address = dask_procs.start(workers=1)
+    jobs = group_jobs(epochs=EPOCHS)
+    want = reference(jobs, data, EPOCHS)
+    dropped = {}
+
+    def drop_a_running_group():
+        def running():
+            return [k for keys in dask_procs.observer.processing().values() for k in keys]
+
+        wait_until(running, "a group to start")
+        dropped["key"] = str(running()[0])
+        dask_procs.observer.cancel([Future(dropped["key"], dask_procs.observer)], force=True)
+        again = dropped["key"][:-1] + "1"  # keys end in the attempt number
+        wait_until(lambda: again in dask_procs.bnexp_tasks(), "the group to be submitted again")
+        dropped["again"] = again
+
+    dropper = threading.Thread(target=drop_a_running_group)
+    dropper.start()
+    outcomes = list(cluster.run_on_dask(jobs, data, address, False))
+    dropper.join()
+    assert dropped.get("again"), dropped
+    assert sorted(o.run_indices for o in outcomes) == sorted(want)
+    for o in outcomes:
+        assert_same_results(o.results, want[o.run_indices])
+
+
+@needs_dask
+@pytest.mark.slow
 def test_a_stopped_scheduler_raises_cluster_error_and_keeps_finished_groups(dask_procs, data):
     address = dask_procs.start(workers=1)
-    jobs = group_jobs(epochs=40)
-    want = reference(jobs, data)
+    jobs = group_jobs(epochs=EPOCHS)
+    want = reference(jobs, data, EPOCHS)
     kept, started = [], None
     stream = cluster.run_on_dask(jobs, data, address, False)
     with pytest.raises(ClusterError) as err:
@@ -306,7 +368,7 @@ def interrupt_after(seconds: float) -> threading.Timer:
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_remaining_groups_and_closes_the_client(dask_procs, data):
     address = dask_procs.start(workers=1)
-    jobs = group_jobs(epochs=40)
+    jobs = group_jobs(epochs=EPOCHS)
     count_clients = lambda dask_scheduler: len(dask_scheduler.clients)  # noqa: E731
     clients_before = dask_procs.observer.run_on_scheduler(count_clients)
     got = []
@@ -326,8 +388,8 @@ def test_ctrl_c_cancels_the_remaining_groups_and_closes_the_client(dask_procs, d
 def test_local_cluster_gives_the_same_results_and_closes_when_the_caller_stops(data):
     import psutil
 
-    jobs = group_jobs(epochs=40)
-    want = reference(jobs, data)
+    jobs = group_jobs(epochs=EPOCHS)
+    want = reference(jobs, data, EPOCHS)
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     during = {}  # process -> command line, read while it runs
