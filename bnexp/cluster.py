@@ -34,7 +34,9 @@ Failures
 --------
 - A worker that dies mid-task (killed, out of memory): the scheduler reruns the group on another
   worker (Dask's ``distributed.scheduler.allowed-failures``, 3 by default) and the results are
-  the same. A group that has killed more workers than that ends the call with ClusterError.
+  the same. A group that has killed more workers than that ends the call with ClusterError. A
+  result that dies with its worker after the task finished, before the client fetched it, can
+  come back cancelled instead: the group is then submitted again (up to `RESUBMITS` times).
 - A scheduler that cannot be reached or goes away: ClusterError with one line; every group
   yielded before it is final.
 - KeyboardInterrupt, an error, or the caller closing the generator: the remaining tasks are
@@ -43,6 +45,8 @@ Failures
   Close the generator (``contextlib.closing``) so this happens at once, not when it is collected.
 - A scheduler or worker that cannot unpickle a task (bnexp missing there): ClusterError.
 - An exception raised by training itself (a bug, MemoryError) is re-raised as it is.
+
+The progress bar advances by a whole group as each one finishes (a task reports nothing midway).
 
 Which worker ran a group
 ------------------------
@@ -134,8 +138,8 @@ def _import_distributed():
 
 def local_workers(scheduler: str) -> int | None:
     """N of a ``local:N`` scheduler, None for an address; ConfigError for a bad ``local:``."""
-    if not scheduler.startswith("local"):
-        return None
+    if scheduler != "local" and not scheduler.startswith("local:"):
+        return None  # an address, localhost:8786 included
     count = scheduler.partition(":")[2]
     if not count.isdigit() or int(count) < 1:
         raise ConfigError(
@@ -162,9 +166,11 @@ def _connect(distributed, scheduler: str):
         except BaseException:
             cluster.close(timeout=CLOSE_SECONDS)
             raise
+    if not scheduler or any(c.isspace() for c in scheduler):
+        raise ConfigError(f"--scheduler {scheduler!r}: give an address such as tcp://host:8786")
     try:
         client = distributed.Client(scheduler, timeout=CONNECT_SECONDS)
-    except ValueError as exc:
+    except ValueError as exc:  # unknown scheme, missing port
         raise ConfigError(f"--scheduler {scheduler!r}: {exc}") from None
     except (OSError, TimeoutError) as exc:
         raise ClusterError(
@@ -178,14 +184,13 @@ def _wait_and_scatter(client, scheduler: str, data):
     """Wait for a worker, then put `data` on every worker once; the future of that copy."""
     try:
         client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
-    except TimeoutError:
+        # hash=False: tokenizing 1.2 GB of images would only cost time; one scatter per call.
+        return client.scatter(data, broadcast=True, hash=False)
+    except TimeoutError:  # before OSError: TimeoutError is one
         raise ClusterError(
             f"no Dask worker joined the scheduler at {scheduler} within "
             f"{WORKER_WAIT_SECONDS} s; start one with: dask worker {scheduler} --nthreads 1"
         ) from None
-    try:
-        # hash=False: tokenizing 1.2 GB of images would only cost time; one scatter per call.
-        return client.scatter(data, broadcast=True, hash=False)
     except (OSError, CancelledError):
         raise ClusterError(
             f"lost the Dask scheduler at {scheduler} while sending it the data; "

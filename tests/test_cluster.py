@@ -188,12 +188,21 @@ def test_without_dask_one_line_says_how_to_install(monkeypatch, data):
     assert err.value.exit_code == 5
 
 
-@pytest.mark.parametrize("value", ["local:0", "local:", "local:two", "local2"])
+@pytest.mark.parametrize("value", ["local:0", "local:", "local:two", "local", "local:-1"])
 def test_malformed_local_scheduler_is_a_config_error(value):
     with pytest.raises(ConfigError, match="local:N"):
         cluster.local_workers(value)
     assert cluster.local_workers("local:3") == 3
     assert cluster.local_workers("tcp://127.0.0.1:8786") is None
+    assert cluster.local_workers("localhost:8786") is None
+
+
+@needs_dask
+@pytest.mark.parametrize("value", ["nonsense://127.0.0.1:1", "tcp://", "tcp://a b:1", ""])
+def test_malformed_scheduler_address_is_a_config_error(value, data):
+    with pytest.raises(ConfigError, match="--scheduler") as err:
+        list(cluster.execute_on_dask(group_jobs(1), data, value, False))
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
 
 
 @needs_dask
