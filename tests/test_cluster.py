@@ -106,6 +106,7 @@ class DaskProcesses:
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.observer = None
+        self.address = ""
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
@@ -131,6 +132,8 @@ class DaskProcesses:
             assert time.monotonic() < deadline, (self.folder / "scheduler.log").read_text()
             time.sleep(0.1)
         self.address = json.loads(info.read_text())["address"]
+        # --no-nanny: SIGKILL then ends the worker itself, as the kernel's OOM killer would (a
+        # nanny would restart it, and killing the nanny would orphan its worker).
         for n in range(workers):
             self._start(
                 f"w{n}",
