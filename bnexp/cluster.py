@@ -18,7 +18,9 @@ them on one worker and has the others copy them from it. Every task then refers 
 so a task carries only its job (the group's random plan: a few MB). A worker that joins later gets
 the copy from a peer before its first group. Cost: the data's bytes once per worker, plus once
 through the scheduler (1.2 GB for the 49,000-image split); scattering rather than loading from a
-shared data dir means workers need no file system in common with the client.
+shared data dir means workers need no file system in common with the client. Dask's active
+memory manager may drop extra copies when few groups are left to run; a worker then fetches the
+copy from a peer again, and if the last copy dies with its worker the data are scattered again.
 
 Identical numbers
 -----------------
@@ -36,7 +38,9 @@ Failures
   worker (Dask's ``distributed.scheduler.allowed-failures``, 3 by default) and the results are
   the same. A group that has killed more workers than that ends the call with ClusterError. A
   result that dies with its worker after the task finished, before the client fetched it, can
-  come back cancelled instead: the group is then submitted again (up to `RESUBMITS` times).
+  come back cancelled instead, and so do the remaining groups when the last copy of the data dies:
+  the data are scattered again if needed and the group is submitted again (up to `RESUBMITS`
+  times).
 - A scheduler that cannot be reached or goes away: ClusterError with one line; every group
   yielded before it is final.
 - KeyboardInterrupt, an error, or the caller closing the generator: the remaining tasks are
@@ -98,7 +102,8 @@ CONNECT_SECONDS = 30
 WORKER_WAIT_SECONDS = 300
 #: Times a group is submitted again when a live scheduler drops it. Dask reruns the group of a
 #: dead worker itself, but a result that dies with its worker between finishing and reaching the
-#: client can come back as "cancelled" (reason "already forgotten") instead.
+#: client comes back "cancelled" ("already forgotten"), and so does every remaining group when
+#: the last copy of the scattered data dies ("lost dependencies").
 RESUBMITS = 3
 #: Seconds to wait for the client and a local cluster to shut down.
 CLOSE_SECONDS = 10
@@ -380,7 +385,9 @@ def run_on_dask(jobs: Sequence, data, scheduler: str, progress: bool) -> Iterato
                 n, attempt = pending.pop(future)
                 job = jobs[n]
                 outcome = _outcome(distributed, future, job, client, scheduler, attempt)
-                if outcome is None:  # the result was lost with its worker: train the group again
+                if outcome is None:  # dropped by a live scheduler: train the group again
+                    if shared.status != "finished":  # the data died with their last holder
+                        shared = _wait_and_scatter(client, scheduler, data)
                     again = _submit(client, job, shared, f"bnexp-group-{n}-{token}-{attempt + 1}")
                     pending[again] = (n, attempt + 1)
                     finished.add(again)
