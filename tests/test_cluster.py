@@ -132,17 +132,21 @@ class DaskProcesses:
             assert time.monotonic() < deadline, (self.folder / "scheduler.log").read_text()
             time.sleep(0.1)
         self.address = json.loads(info.read_text())["address"]
-        # --no-nanny: SIGKILL then ends the worker itself, as the kernel's OOM killer would (a
-        # nanny would restart it, and killing the nanny would orphan its worker).
         for n in range(workers):
-            self._start(
-                f"w{n}",
-                ["worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                 "--name", f"w{n}", "--host", "127.0.0.1"],
-            )  # fmt: skip
+            self.add_worker(f"w{n}")
         self.observer = Client(self.address, timeout=30)
         self.observer.wait_for_workers(workers, timeout=120)
         return self.address
+
+    def add_worker(self, name: str) -> subprocess.Popen:
+        """Start one more single-threaded worker called `name`."""
+        # --no-nanny: SIGKILL then ends the worker itself, as the kernel's OOM killer would (a
+        # nanny would restart it, and killing the nanny would orphan its worker).
+        return self._start(
+            name,
+            ["worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+             "--name", name, "--host", "127.0.0.1"],
+        )  # fmt: skip
 
     def worker_pids(self) -> dict[str, int]:
         """Worker address -> its process id."""
@@ -310,6 +314,36 @@ def test_a_worker_killed_mid_task_costs_a_redo_not_a_difference(dask_procs, data
         job = jobs[int(str(key).split("-")[2])]  # keys are bnexp-group-<job number>-<token>
         assert by_indices[job.run_indices] == survivor
     assert any(p.poll() == -signal.SIGKILL for p in dask_procs.procs.values())
+
+
+@needs_dask
+@pytest.mark.slow
+def test_data_lost_with_the_only_worker_are_scattered_again(dask_procs, data):
+    # One worker holds the only copy of the data; it dies mid-task, a new worker joins: the
+    # groups come back cancelled ("lost dependencies") and must be trained there from a new copy.
+    address = dask_procs.start(workers=1)
+    jobs = group_jobs(epochs=EPOCHS)
+    want = reference(jobs, data, EPOCHS)
+    first = dask_procs.procs["w0"]
+    events = {}
+
+    def kill_then_replace():
+        wait_until(lambda: any(dask_procs.observer.processing().values()), "a group to start")
+        time.sleep(0.3)
+        first.kill()
+        first.wait(timeout=30)
+        events["replacement"] = dask_procs.add_worker("w1")
+
+    swapper = threading.Thread(target=kill_then_replace)
+    swapper.start()
+    outcomes = list(cluster.run_on_dask(jobs, data, address, False))
+    swapper.join()
+    assert "replacement" in events
+    assert sorted(o.run_indices for o in outcomes) == sorted(want)
+    for o in outcomes:
+        assert_same_results(o.results, want[o.run_indices])
+    assert {o.worker["name"] for o in outcomes} <= {"w0", "w1"}
+    assert any(o.worker["name"] == "w1" for o in outcomes)
 
 
 @needs_dask
