@@ -29,6 +29,12 @@ class OutputError(BnexpError):
     exit_code = 4
 
 
+class ClusterError(BnexpError):
+    """Dask is not installed, or its scheduler cannot be reached or went away mid-run."""
+
+    exit_code = 5
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (from `timeout`, Slurm, a container runtime), handled like Ctrl-C: finished work
     is kept and the process exits with 143 (128 + SIGTERM) instead of 130."""
