@@ -34,10 +34,10 @@ import numpy as np
 
 from bnexp import cluster, executor, sweep
 from bnexp.config import expand_runs, load_config
-from bnexp.train import Member, TrainData
+from bnexp.data import Splits
 
 
-def load_data(cfg, data_dir: str | None) -> tuple[TrainData, str]:
+def load_data(cfg, data_dir: str | None) -> tuple[Splits, str]:
     """The sweep's real splits when a data dir is known, else synthetic data of the same shapes."""
     data_dir = data_dir or os.environ.get("BNEXP_DATA_DIR")
     if data_dir:
@@ -49,26 +49,14 @@ def load_data(cfg, data_dir: str | None) -> tuple[TrainData, str]:
         return rng.normal(0.0, 60.0, (n, 3072)), rng.integers(0, 10, n)
 
     (xt, yt), (xv, yv), (xs, ys) = split(cfg.data.num_train), split(1000), split(1000)
-    return TrainData(xt, yt, xv, yv, xs, ys), "synthetic (no data dir)"
+    empty = {"mean_image": np.zeros(3072), "source": {}}
+    return Splits(xt, yt, xv, yv, xs, ys, **empty), "synthetic (no data dir)"
 
 
 def make_jobs(cfg) -> list:
     """The lockstep groups of the sweep, built as bnexp.sweep.run_experiment builds them."""
     runs = expand_runs(cfg)
-    plans = sweep.make_plans(runs)
-    jobs = []
-    for group in sweep.lockstep_groups(runs):
-        jobs.append(
-            sweep._GroupJob(
-                run_indices=tuple(group),
-                spec=sweep.net_spec(runs[group[0]]),
-                members=tuple(
-                    Member(runs[i].weight_scale, runs[i].learning_rate, plans[i]) for i in group
-                ),
-                settings=sweep.solver_settings(runs[group[0]]),
-            )
-        )
-    return jobs
+    return sweep._group_jobs(runs, range(len(runs)))
 
 
 def identical(got: dict, want: dict) -> bool:
@@ -155,7 +143,7 @@ def print_table(rows: list) -> None:
         )
 
 
-def print_traffic(dask_rows: list, jobs: list, data: TrainData) -> None:
+def print_traffic(dask_rows: list, jobs: list, data: Splits) -> None:
     """Scheduler overhead per task and the bytes moved."""
     trips = ", ".join(f"{w} worker(s) {r['round_trip_ms']:.1f} ms" for w, r in dask_rows)
     print(f"\nscheduler round trip of a trivial task (median of 30): {trips}")

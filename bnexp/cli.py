@@ -182,6 +182,15 @@ def _experiment_options(command):
             "results do not depend on it [default: the number of CPUs].",
         ),
         click.option(
+            "--scheduler",
+            envvar="BNEXP_SCHEDULER",
+            default=None,
+            metavar="ADDRESS",
+            help="Run each lockstep group as a task on this Dask scheduler (tcp://host:8786), "
+            "or on a local cluster of N one-thread workers (local:N); needs the dask extra "
+            "[env: BNEXP_SCHEDULER].",
+        ),
+        click.option(
             "--force", is_flag=True, help="Write into OUT even if it holds a different config."
         ),
         click.option("--no-plot", is_flag=True, help="Skip drawing the figures at the end."),
@@ -204,7 +213,7 @@ def default_output_dir(cfg, overrides) -> Path:
     return Path("results") / f"{cfg.name}-{digest}"
 
 
-def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrides):
+def _run(command_name, config_path, out, data_dir, jobs, scheduler, force, no_plot, overrides):
     """Load the config, run the experiment, print the summary table and where things are."""
 
     from bnexp.config import load_config
@@ -225,6 +234,7 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
         force=force,
         plot=not no_plot,
         log=lambda message: click.echo(message, err=True),
+        scheduler=scheduler,
     )
     click.echo(summary_table(result.summaries))
     click.echo(
@@ -238,24 +248,24 @@ def _run(command_name, config_path, out, data_dir, jobs, force, no_plot, overrid
 @main.command()
 @_experiment_options
 @reports_errors
-def train(config_path, out, data_dir, jobs, force, no_plot, overrides):
+def train(config_path, out, data_dir, jobs, scheduler, force, no_plot, overrides):
     """Train the deep network with and without batch norm (configs/bn_vs_baseline.yaml).
 
     KEY=VALUE overrides use dotted config keys, e.g. train.epochs=3 seed=7 rng=cs231n.
     """
-    _run("train", config_path, out, data_dir, jobs, force, no_plot, overrides)
+    _run("train", config_path, out, data_dir, jobs, scheduler, force, no_plot, overrides)
 
 
 @main.command("sweep-init")
 @_experiment_options
 @reports_errors
-def sweep_init(config_path, out, data_dir, jobs, force, no_plot, overrides):
+def sweep_init(config_path, out, data_dir, jobs, scheduler, force, no_plot, overrides):
     """Sweep 20 weight-initialization scales with and without batch norm
     (configs/weight_init_sweep.yaml).
 
     KEY=VALUE overrides use dotted config keys, e.g. "model.weight_scale={logspace: [-4, 0, 5]}".
     """
-    _run("sweep-init", config_path, out, data_dir, jobs, force, no_plot, overrides)
+    _run("sweep-init", config_path, out, data_dir, jobs, scheduler, force, no_plot, overrides)
 
 
 _svg_option = click.option("--svg", is_flag=True, help="Also write each figure as SVG.")

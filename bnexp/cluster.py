@@ -12,7 +12,7 @@ and NumPy installed (the scheduler unpickles each task too); they need no CIFAR-
 
 Data: scattered once
 --------------------
-The training data (`bnexp.train.TrainData`, float64) are scattered at the start with
+The training data (`bnexp.data.Splits`, float64) are scattered at the start with
 ``Client.scatter(broadcast=True)``: the client sends them once to the scheduler, which places
 them on one worker and has the others copy them from it. Every task then refers to that one copy,
 so a task carries only its job (the group's random plan: a few MB). A worker that joins later gets
@@ -355,7 +355,7 @@ def run_on_dask(jobs: Sequence, data, scheduler: str, progress: bool) -> Iterato
     ----------
     jobs : picklable groups with `run_indices`, `work` (network-iterations) and
         `run(data) -> results`; see `bnexp.executor.execute`.
-    data : the `bnexp.train.TrainData` every job trains on, scattered to each worker once.
+    data : the `bnexp.data.Splits` every job trains on, scattered to each worker once.
     scheduler : ``tcp://host:port`` of a running scheduler, or ``local:N``.
     progress : show a progress bar on stderr, advanced as groups finish.
 

@@ -271,8 +271,20 @@ class _Progress:
         self.bar.close()
 
 
-def execute(jobs: Sequence, data, n_jobs: int, progress: bool) -> Iterator[tuple[tuple, list]]:
+def execute(
+    jobs: Sequence,
+    data,
+    n_jobs: int,
+    progress: bool,
+    *,
+    scheduler: str | None = None,
+    workers: list | None = None,
+) -> Iterator[tuple[tuple, list]]:
     """Run every job; yield (job.run_indices, results) for each as it finishes.
+
+    With `scheduler` (a Dask scheduler address or ``local:N``) the jobs run as Dask tasks
+    instead (`bnexp.cluster`), and `n_jobs` is not used; `workers`, when given, collects
+    ``{"run_indices": [...], "worker": {...}}`` for each finished job.
 
     A job is picklable and has `run_indices`, `work` (progress units: network-iterations),
     `iterations` (solver iterations) and `run(data, on_progress) -> results`, where
@@ -280,6 +292,9 @@ def execute(jobs: Sequence, data, n_jobs: int, progress: bool) -> Iterator[tuple
     at start-up. With n_jobs > 1 the jobs run in worker processes; when the caller stops early
     (Ctrl-C, SIGTERM, an error) the workers are killed at once, and they die with this process.
     """
+    if scheduler is not None:
+        yield from _run_on_dask(jobs, data, scheduler, progress, workers)
+        return
     bar = _Progress(jobs, progress)
     try:
         if n_jobs <= 1 or len(jobs) <= 1:
@@ -288,3 +303,16 @@ def execute(jobs: Sequence, data, n_jobs: int, progress: bool) -> Iterator[tuple
             yield from _run_in_workers(jobs, data, n_jobs, bar)
     finally:
         bar.close()
+
+
+def _run_on_dask(jobs, data, scheduler: str, progress: bool, workers: list | None):
+    """The jobs as Dask tasks (see `bnexp.cluster`), noting which worker ran each."""
+    import contextlib
+
+    from bnexp.cluster import run_on_dask
+
+    with contextlib.closing(run_on_dask(jobs, data, scheduler, progress)) as outcomes:
+        for outcome in outcomes:
+            if workers is not None:
+                workers.append({"run_indices": list(outcome.run_indices), "worker": outcome.worker})
+            yield outcome.run_indices, outcome.results

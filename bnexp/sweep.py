@@ -366,15 +366,21 @@ def _same_data(exp: _Experiment, source: dict, earlier: dict | None, force: bool
     return dataclasses.replace(exp, todo=list(range(len(exp.runs))))
 
 
-def _train_and_record(exp: _Experiment, data, jobs: int, progress: bool, manifest: dict) -> int:
+def _train_and_record(
+    exp: _Experiment, data, jobs: int, progress: bool, manifest: dict, scheduler: str | None
+) -> int:
     """Train the unfinished runs group by group, recording each group as it finishes; the
-    manifest's final status says whether all finished, Ctrl-C stopped it, or it failed."""
+    manifest's final status says whether all finished, Ctrl-C stopped it, or it failed. With a
+    Dask `scheduler`, the manifest also names the worker that trained each group."""
     status, trained, start = "failed", 0, time.perf_counter()
+    workers: list[dict] = []
     try:
         # Inside the try: a signal right after 'running' is written still ends as 'interrupted'.
         records.write_manifest(exp.out, manifest)
         unfinished = set(exp.todo)
-        for run_indices, results in execute(_group_jobs(exp.runs, exp.todo), data, jobs, progress):
+        group_jobs = _group_jobs(exp.runs, exp.todo)
+        ran = execute(group_jobs, data, jobs, progress, scheduler=scheduler, workers=workers)
+        for run_indices, results in ran:
             for i, result in zip(run_indices, results, strict=True):
                 if i not in unfinished:
                     continue  # trained again only to keep its group whole; its record stands
@@ -395,11 +401,17 @@ def _train_and_record(exp: _Experiment, data, jobs: int, progress: bool, manifes
             runs_trained=trained,
             train_seconds=round(time.perf_counter() - start, 3),
         )
+        if scheduler is not None:
+            manifest["scheduler"] = scheduler
+            manifest["group_workers"] = [
+                {"runs": [exp.ids[i] for i in w["run_indices"]], "worker": w["worker"]}
+                for w in workers
+            ]
         records.write_manifest(exp.out, manifest)
     return trained
 
 
-def _train(exp: _Experiment, data, data_dir, jobs, force, progress, log) -> int:
+def _train(exp: _Experiment, data, data_dir, jobs, force, progress, log, scheduler) -> int:
     """Load the data, check it is the data of OUT's finished runs, then train and record."""
     source = {"provided": "in-memory arrays"}
     if data is None:
@@ -410,7 +422,7 @@ def _train(exp: _Experiment, data, data_dir, jobs, force, progress, log) -> int:
     # behind that would then refuse the next, different config as if it held results.
     records.prepare_output_dir(exp.out, exp.config_yaml, force=force)
     manifest = _new_manifest(exp, jobs, source, earlier)
-    return _train_and_record(exp, data, jobs, progress, manifest)
+    return _train_and_record(exp, data, jobs, progress, manifest, scheduler)
 
 
 def _stderr(message: str) -> None:
@@ -428,6 +440,7 @@ def run_experiment(
     plot: bool = True,
     log: Callable[[str], None] | None = None,
     data=None,
+    scheduler: str | None = None,
 ) -> ExperimentResult:
     """Train every run of `cfg` not finished in `out`, record it, and draw the figures.
 
@@ -440,6 +453,9 @@ def run_experiment(
     progress : show a progress bar on stderr (only when stderr is a terminal).
     plot : draw OUT/plots at the end.
     log : where one-line notes go (default: stderr).
+    scheduler : a Dask scheduler address (``tcp://host:8786``) or ``local:N``: each lockstep
+        group runs as one Dask task instead of in `jobs` processes (`bnexp.cluster`); the
+        results are the same.
     data : already loaded splits with X_train, y_train, X_val, y_val, X_test, y_test (tests);
         skips loading from `data_dir`.
 
@@ -463,7 +479,7 @@ def run_experiment(
         if skipped:
             log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
         if exp.todo:
-            trained = _train(exp, data, data_dir, jobs, force, progress, log)
+            trained = _train(exp, data, data_dir, jobs, force, progress, log, scheduler)
     summaries = records.read_summaries(exp.out, exp.ids)
     plots: list[Path] = []
     drawn = sorted((exp.out / "plots").glob("*.png"))

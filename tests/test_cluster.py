@@ -5,6 +5,7 @@ worker killed mid-run, a scheduler stopped mid-run, Ctrl-C. Skipped when Dask is
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -20,8 +21,8 @@ import pytest
 
 from bnexp import cluster, executor, sweep
 from bnexp.config import expand_runs, load_config
+from bnexp.data import Splits
 from bnexp.errors import ClusterError, ConfigError
-from bnexp.train import Member, TrainData
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.weight_scale=[1.0e-3, 5.0e-2, 1.0]", "train.batch_size=20", "data.num_train=100"]
@@ -47,7 +48,7 @@ def data():
         return X, y
 
     (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
-    return TrainData(Xtr, ytr, Xv, yv, Xt, yt)
+    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})
 
 
 def group_jobs(epochs: int, widths=((16, 16), (24, 16))) -> list:
@@ -59,16 +60,9 @@ def group_jobs(epochs: int, widths=((16, 16), (24, 16))) -> list:
             None, [*SMALL, f"model.hidden_dims={list(hidden)}", f"train.epochs={epochs}"]
         )
         runs = expand_runs(cfg)
-        plans = sweep.make_plans(runs)
-        for group in sweep.lockstep_groups(runs):
-            members = [Member(runs[i].weight_scale, runs[i].learning_rate, plans[i]) for i in group]
-            job = sweep._GroupJob(
-                run_indices=tuple(i + offset for i in group),
-                spec=sweep.net_spec(runs[group[0]]),
-                members=tuple(members),
-                settings=sweep.solver_settings(runs[group[0]]),
-            )
-            jobs.append(job)
+        for job in sweep._group_jobs(runs, range(len(runs))):
+            indices = tuple(i + offset for i in job.run_indices)
+            jobs.append(dataclasses.replace(job, run_indices=indices))
         offset += len(runs)
     return jobs
 
@@ -454,3 +448,61 @@ def test_local_cluster_gives_the_same_results_and_closes_when_the_caller_stops(d
     assert len(workers) >= 2
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+@needs_dask
+@pytest.mark.slow
+def test_cli_scheduler_gives_the_results_of_jobs_1_and_names_the_workers(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from fakecifar import make_learnable_images, write_binary
+
+    from bnexp.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    x, y, xt, yt = make_learnable_images(np.random.default_rng(1), 5 * 100, 60)
+    cifar = write_binary(tmp_path / "cifar", x, y, xt, yt, n_batch=100)
+    small = [
+        "data.num_training=400", "data.num_validation=100", "data.num_test=50",
+        "data.num_train=200", "model.hidden_dims=[16, 16]", "train.epochs=2",
+        "model.weight_scale=[1.0e-2, 1.0e-1]",
+    ]  # fmt: skip
+    common = ["--data-dir", str(cifar), "--no-plot", *small]
+    one = CliRunner().invoke(main, ["sweep-init", "-o", str(tmp_path / "one"), "-j", "1", *common])
+    assert one.exit_code == 0, one.output
+    out = tmp_path / "dask"
+    args = ["sweep-init", "-o", str(out), "--scheduler", "local:2", *common]
+    two = CliRunner().invoke(main, args)
+    assert two.exit_code == 0, two.output
+
+    def rows(folder):
+        lines = (folder / "results.csv").read_text().splitlines()
+        seconds = lines[0].split(",").index("seconds")
+        return [[c for i, c in enumerate(line.split(",")) if i != seconds] for line in lines]
+
+    assert rows(out) == rows(tmp_path / "one")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scheduler"] == "local:2"
+    recorded = sorted(r for g in manifest["group_workers"] for r in g["runs"])
+    assert recorded == sorted(p.name for p in (out / "runs").iterdir())
+    assert all(g["worker"]["address"] for g in manifest["group_workers"])
+
+
+def test_cli_scheduler_without_dask_is_one_line_exit_5(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from fakecifar import make_learnable_images, write_binary
+
+    from bnexp.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed fails
+    x, y, xt, yt = make_learnable_images(np.random.default_rng(1), 5 * 100, 60)
+    cifar = write_binary(tmp_path / "cifar", x, y, xt, yt, n_batch=100)
+    args = [
+        "train", "-o", str(tmp_path / "out"), "--data-dir", str(cifar), "--scheduler", "local:2",
+        "data.num_training=400", "data.num_validation=100", "data.num_test=50",
+        "data.num_train=200", "model.hidden_dims=[16]", "train.epochs=1",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 5, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "pip install" in errors[0] and "Traceback" not in result.output

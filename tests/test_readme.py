@@ -76,3 +76,10 @@ def test_the_python_example_runs_as_written(tmp_path, monkeypatch):
     assert len(rows) == 2 and {r["batchnorm"] for r in rows} == {True, False}
     assert all(r["epochs"] == 2 for r in rows)
     assert printed and "val BN" in printed[0]
+
+
+def test_ci_runs_the_readmes_test_command():
+    setup = readme_section("Set up and run")
+    command = re.search(r"# The tests:.*\n(.+)\n", setup).group(1).strip()
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in [line.strip() for line in ci]
