@@ -68,3 +68,21 @@ def make_learnable_images(rng: np.random.Generator, n_train: int, n_test: int):
             low[np.ix_(rows, np.arange(c * block, (c + 1) * block))] += 120
         images[...] = low
     return x, y, xt, yt
+
+
+def learnable_splits(n_train: int = 100, n_val: int = 60, n_test: int = 40):
+    """bnexp.data.Splits of learnable generated features (no images): the class shifts the mean
+    of its own block of 300 features. X: (N, 3072) float64, y: (N,) int."""
+    from bnexp.data import Splits
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 10, n)
+        X = rng.normal(size=(n, 3072))
+        for c in range(10):
+            X[y == c, c * 300 : (c + 1) * 300] += 1.0
+        return X, y
+
+    (Xtr, ytr), (Xv, yv), (Xt, yt) = split(n_train), split(n_val), split(n_test)
+    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakecifar import learnable_splits
 
 from bnexp import cluster, executor, sweep
 from bnexp.config import expand_runs, load_config
-from bnexp.data import Splits
 from bnexp.errors import ClusterError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,18 +37,7 @@ needs_dask = pytest.mark.skipif(not HAS_DASK, reason="Dask is not installed (the
 
 @pytest.fixture(scope="module")
 def data():
-    """Learnable generated features: the class shifts the mean of its own block of features."""
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        y = rng.integers(0, 10, n)
-        X = rng.normal(size=(n, 3072))
-        for c in range(10):
-            X[y == c, c * 300 : (c + 1) * 300] += 1.0
-        return X, y
-
-    (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
-    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})
+    return learnable_splits()
 
 
 def group_jobs(epochs: int, widths=((16, 16), (24, 16))) -> list:

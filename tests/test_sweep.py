@@ -8,10 +8,10 @@ import json
 
 import numpy as np
 import pytest
+from fakecifar import learnable_splits
 
 from bnexp import sweep
 from bnexp.config import expand_runs, load_config
-from bnexp.data import Splits
 from bnexp.plan import cs231n_plans
 
 SMALL = [
@@ -29,18 +29,7 @@ def small_config(*extra):
 
 @pytest.fixture(scope="module")
 def data():
-    """Learnable generated features: the class shifts the mean of its own block of features."""
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        y = rng.integers(0, 10, n)
-        X = rng.normal(size=(n, 3072))
-        for c in range(10):
-            X[y == c, c * 300 : (c + 1) * 300] += 1.0
-        return X, y
-
-    (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
-    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})
+    return learnable_splits()
 
 
 def run(cfg, out, data, **kw):
