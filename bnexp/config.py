@@ -26,8 +26,8 @@ Limits. Before anything is materialised the loader refuses configs beyond the ``
 layer width, parameters per network, total network-iterations and an estimate of memory.
 
 Adding a key: add one `setting` field to its section (default, kind, bounds or choices) and read it
-from ``run.cfg`` where it is used; a key new at its default stays out of the run-id hash, so the ids
-of existing results do not change.
+from ``run.cfg`` where it is used; a key new at its default stays out of the run-id hash and of the
+saved config (`_ID_KEYS` lists the original keys), so existing results keep their ids and resume.
 
 Every problem is one `ConfigError` line naming the file (or the override) and the dotted key::
 
@@ -240,19 +240,20 @@ _NOTEBOOK_AXES = ("seed", "train.learning_rate", "model.weight_scale", "model.ba
 AXIS_ORDER = _NOTEBOOK_AXES + tuple(
     key for key, f in _all_fields() if f.metadata["axis"] and key not in _NOTEBOOK_AXES
 )
-#: Keys added after results were first published: left out of a run's id (and of a saved config)
-#: at their defaults, so existing results keep their ids and still resume.
-_NEWER_KEYS = frozenset(("model.normalization", "model.dropout_keep", "model.bn_noise"))
-#: Keys that existed before any other could be added; they are always part of a run's id.
-_ID_KEYS = (
-    frozenset(
-        (
-            "seed",
-            "rng",
-            *(f"{s}.{f.name}" for s in ("data", "model", "train") for f in _section_fields(s)),
-        )
+#: Keys that existed before any other could be added; they are always part of a run's id. Any key
+#: added since (a field not listed here) is left out of a run's id, and of a saved config, while it
+#: is at its default, so existing results keep their ids and still resume.
+_ID_KEYS = frozenset(
+    (
+        "seed",
+        "rng",
+        *(f"data.{k}" for k in ("num_training", "num_validation", "num_test", "num_train")),
+        "data.subtract_mean",
+        *(f"model.{k}" for k in ("hidden_dims", "weight_scale", "batchnorm", "reg", "dtype")),
+        *(f"train.{k}" for k in ("epochs", "batch_size", "update_rule", "learning_rate")),
+        *(f"train.{k}" for k in ("lr_decay", "sampling", "bn_eval", "bn_momentum", "bn_eps")),
+        "train.loss_window",
     )
-    - _NEWER_KEYS
 )
 #: Keys written as lists in a saved config even with one value (how configs were always saved).
 _ALWAYS_LISTED = frozenset(_NOTEBOOK_AXES)
@@ -874,7 +875,8 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
         if section == "limits" or (key == "model.batchnorm" and superseded):
             continue
         values = cfg.values(key)
-        if key in _NEWER_KEYS and values == (f.default,):
+        newer = section in ("data", "model", "train") and key not in _ID_KEYS
+        if newer and values == (f.default,):
             continue
         listed = key in _ALWAYS_LISTED or len(values) > 1
         value = _plain(list(values) if listed else values[0])
