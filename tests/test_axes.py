@@ -223,14 +223,21 @@ def test_groups_split_by_normalization_only():
         assert len({(runs[i].cfg.model.dropout_keep, runs[i].cfg.model.bn_noise) for i in g}) == 4
 
 
-def _run(overrides, out, data):
+def _run(overrides, out, data, jobs=1):
     cfg = load_config(None, overrides)
-    return sweep.run_experiment(cfg, out, data=data, progress=False, plot=False, log=lambda m: 0)
+    return sweep.run_experiment(
+        cfg, out, data=data, jobs=jobs, progress=False, plot=False, log=lambda m: 0
+    )
+
+
+def _without_seconds(summaries):
+    return [{k: v for k, v in s.items() if k != "seconds"} for s in summaries]
 
 
 @pytest.mark.slow
 def test_lockstep_sweep_matches_each_run_trained_alone(tmp_path, data):
-    """normalization x dropout_keep x scale x noise in 4 groups of 8 = every run alone (1e-10)."""
+    """normalization x dropout_keep x scale x noise in 4 groups of 8 = every run alone (1e-10)
+    and the same with --jobs 2."""
     together = _run([*SMALL, *SWEEP], tmp_path / "all", data).summaries
     by_axes = {tuple(sorted(s["axes"].items())): s for s in together}
     assert len(by_axes) == 32
@@ -247,6 +254,9 @@ def test_lockstep_sweep_matches_each_run_trained_alone(tmp_path, data):
     # Dropout, scale and (for noisy batch norm only) noise strength change the numbers:
     # 3 kinds x 2 keeps x 2 scales + 8 noisy runs (otherwise the comparison would prove little).
     assert len(losses) == 20
+    # Groups spread over two worker processes: the same records, bit for bit.
+    two = _run([*SMALL, *SWEEP], tmp_path / "jobs2", data, jobs=2).summaries
+    assert _without_seconds(two) == _without_seconds(together)
 
 
 def test_noise_of_strength_zero_is_batch_norm_and_keep_one_is_no_dropout(data):
