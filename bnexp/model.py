@@ -234,6 +234,12 @@ def _split(a: np.ndarray, spec: NetSpec) -> list[np.ndarray]:
     return np.split(a, np.cumsum(spec.hidden_dims)[:-1], axis=-1)
 
 
+def needs_draws(spec: NetSpec, keep) -> bool:
+    """Whether training steps draw random numbers: dropout (`keep` (K,) not None) or noisy batch
+    norm."""
+    return keep is not None or spec.normalization == "noisy_batchnorm"
+
+
 def draw_step(
     spec: NetSpec, batch_size: int, dtype, keep=None, strength=None, rngs=()
 ) -> StepDraws | None:
@@ -254,9 +260,9 @@ def draw_step(
     -------
     StepDraws, or None when the step needs no random numbers (no per-step work).
     """
-    noisy = spec.normalization == "noisy_batchnorm"
-    if keep is None and not noisy:
+    if not needs_draws(spec, keep):
         return None
+    noisy = spec.normalization == "noisy_batchnorm"
     dropout = noise = None
     width = sum(spec.hidden_dims)
     if keep is not None:

@@ -346,8 +346,8 @@ class _Group:
         keep = np.array([m.dropout_keep for m in members], dtype=np.float64)
         self.keep = keep if (keep < 1).any() else None  # None: no dropout, no per-step work
         self.strength = np.array([m.bn_noise for m in members], dtype=np.float64)
-        needs_draws = self.keep is not None or self.spec.normalization == "noisy_batchnorm"
-        self.rngs = [step_generators(m.plan) for m in members] if needs_draws else []
+        needs = model.needs_draws(self.spec, self.keep)
+        self.rngs = [step_generators(m.plan) for m in members] if needs else []
 
     def draw(self, batch_size: int) -> model.StepDraws | None:
         """This step's dropout masks and noise for every network (None when there are none)."""
