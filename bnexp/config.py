@@ -26,8 +26,8 @@ Limits. Before anything is materialised the loader refuses configs beyond the ``
 layer width, parameters per network, total network-iterations and an estimate of memory.
 
 Adding a key: add one `setting` field to its section (default, kind, bounds or choices) and read it
-from ``run.cfg`` where it is used; a key new at its default stays out of the run-id hash, so the ids
-of existing results do not change.
+from ``run.cfg`` where it is used; a key new at its default stays out of the run-id hash and of the
+saved config (`_ID_KEYS` lists the original keys), so existing results keep their ids and resume.
 
 Every problem is one `ConfigError` line naming the file (or the override) and the dotted key::
 
@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from bnexp.errors import ConfigError
-from bnexp.model import DTYPES
+from bnexp.model import DTYPES, NOISY_BN_STRENGTH, NORMALIZATIONS
 from bnexp.optim import UPDATE_RULES
 from bnexp.plan import RNG_MODES, SAMPLING_MODES, iterations_per_epoch
 from bnexp.train import BN_EVAL_MODES
@@ -101,15 +101,44 @@ class DataConfig:
     subtract_mean: bool = setting(True, "bool", axis=False)
 
 
+#: Normalizations the original key ``model.batchnorm`` spells (true, false).
+_BATCHNORM_KINDS = {True: "batchnorm", False: "none"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The fully connected net."""
+    """The fully connected net.
+
+    ``normalization`` (none, batchnorm, layernorm, noisy_batchnorm) supersedes the original
+    ``batchnorm`` flag: when it is given, the flag follows it (true only for batchnorm). It is
+    stored as None whenever the flag alone says the same (none, batchnorm), so such runs keep
+    the ids of the runs made with the flag. `kind` is the normalization either way.
+    ``dropout_keep`` is the probability of keeping a unit in the inverted dropout after every
+    ReLU (1: no dropout). ``bn_noise`` is the strength of noisy batch norm's per-unit, per-step
+    random scale in [1, 1 + s] and shift in [-s, s] (`bnexp.layers.sample_bn_noise`; default 1:
+    a unit's mean moves by up to one normalized standard deviation per step).
+    """
 
     hidden_dims: tuple[int, ...] = setting((100,) * 5, "dims")
     weight_scale: float = setting(2e-2, "float", gt=0)
     batchnorm: bool = setting(True, "bool")
+    normalization: str | None = setting(None, "choice", choices=NORMALIZATIONS)
     reg: float = setting(0.0, "float", ge=0)
     dtype: str = setting("float32", "choice", choices=DTYPES)
+    dropout_keep: float = setting(1.0, "float", gt=0, le=1)
+    bn_noise: float = setting(NOISY_BN_STRENGTH, "float", ge=0)
+
+    def __post_init__(self) -> None:
+        norm = self.normalization
+        if norm is not None:
+            object.__setattr__(self, "batchnorm", norm == "batchnorm")
+            if norm in _BATCHNORM_KINDS.values():
+                object.__setattr__(self, "normalization", None)
+
+    @property
+    def kind(self) -> str:
+        """The normalization, one of `bnexp.model.NORMALIZATIONS`."""
+        return self.normalization or _BATCHNORM_KINDS[bool(self.batchnorm)]
 
 
 @dataclass(frozen=True)
@@ -211,12 +240,19 @@ _NOTEBOOK_AXES = ("seed", "train.learning_rate", "model.weight_scale", "model.ba
 AXIS_ORDER = _NOTEBOOK_AXES + tuple(
     key for key, f in _all_fields() if f.metadata["axis"] and key not in _NOTEBOOK_AXES
 )
-#: Keys that existed before any other could be added; they are always part of a run's id.
+#: Keys that existed before any other could be added; they are always part of a run's id. Any key
+#: added since (a field not listed here) is left out of a run's id, and of a saved config, while it
+#: is at its default, so existing results keep their ids and still resume.
 _ID_KEYS = frozenset(
     (
         "seed",
         "rng",
-        *(f"{s}.{f.name}" for s in ("data", "model", "train") for f in _section_fields(s)),
+        *(f"data.{k}" for k in ("num_training", "num_validation", "num_test", "num_train")),
+        "data.subtract_mean",
+        *(f"model.{k}" for k in ("hidden_dims", "weight_scale", "batchnorm", "reg", "dtype")),
+        *(f"train.{k}" for k in ("epochs", "batch_size", "update_rule", "learning_rate")),
+        *(f"train.{k}" for k in ("lr_decay", "sampling", "bn_eval", "bn_momentum", "bn_eps")),
+        "train.loss_window",
     )
 )
 #: Keys written as lists in a saved config even with one value (how configs were always saved).
@@ -304,9 +340,11 @@ def _check_number(check: _Checker, v: Any, key: str, meta: dict) -> float:
     if not _is_number(v) or not math.isfinite(float(v)):
         check.fail(key, f"expected a finite number, got {_show(v)}")
     v = float(v)
-    ge, gt, lt = meta["ge"], meta["gt"], meta["lt"]
+    ge, gt, lt, le = meta["ge"], meta["gt"], meta["lt"], meta["le"]
     if ge is not None and lt is not None and not ge <= v < lt:
         check.fail(key, f"expected a number in [{ge:g}, {lt:g}), got {_show(v)}")
+    if gt is not None and le is not None and not gt < v <= le:
+        check.fail(key, f"expected a number in ({gt:g}, {le:g}], got {_show(v)}")
     if gt is not None and v <= gt:
         check.fail(key, f"expected a number > {gt:g}, got {_show(v)}")
     if ge is not None and v < ge:
@@ -493,10 +531,37 @@ def _validate(raw: Any, check: _Checker) -> ExperimentConfig:
                 axes[key] = values
         else:
             scalars[key] = _check_value(check, v, key, f, limits)
+    _supersede_batchnorm(scalars, axes, check)
     cfg = _build(scalars, limits, tuple((k, axes[k]) for k in AXIS_ORDER if k in axes))
     _cross_checks(cfg, check)
     _check_resources(cfg, check)
     return cfg
+
+
+def _supersede_batchnorm(scalars: dict, axes: dict, check: _Checker) -> None:
+    """A given model.normalization replaces model.batchnorm (and its axis) of the command's
+    default experiment; both given by the user is ambiguous."""
+    if "model.normalization" not in scalars:
+        return
+    source = check.origin.get("model.batchnorm")
+    if source is not None and source != check.default_source:
+        check.fail(
+            "model.normalization",
+            f"replaces model.batchnorm, which {source} also sets; give only one "
+            "(batchnorm true = normalization batchnorm, false = none)",
+            related=("model.batchnorm",),
+        )
+    scalars.pop("model.batchnorm", None)
+    axes.pop("model.batchnorm", None)
+
+
+def normalization_kinds(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Every normalization the experiment's runs use (from either key)."""
+    if "model.normalization" in dict(cfg.axes):
+        return cfg.values("model.normalization")
+    return tuple(
+        dataclasses.replace(cfg.model, batchnorm=b).kind for b in cfg.values("model.batchnorm")
+    )
 
 
 def _build(scalars: dict[str, Any], limits: LimitsConfig, axes: tuple) -> ExperimentConfig:
@@ -543,14 +608,37 @@ def _cross_checks(cfg: ExperimentConfig, check: _Checker) -> None:
             "set train.sampling=replacement or rng=numpy",
             related=("rng",),
         )
+    _check_random_layers(cfg, check)
     population = "population" in cfg.values("train.bn_eval")
-    if population and min(batch_sizes) < 2 and True in cfg.values("model.batchnorm"):
+    batch_stats = {"batchnorm", "noisy_batchnorm"} & set(normalization_kinds(cfg))
+    if population and min(batch_sizes) < 2 and batch_stats:
         check.fail(
             "train.bn_eval",
             "'population' statistics of batch norm need train.batch_size >= 2 (the unbiased "
             f"variance divides by batch_size - 1), got {min(batch_sizes)}; raise the batch size "
             "or use bn_eval running",
             related=("train.batch_size", "model.batchnorm"),
+        )
+
+
+def _check_random_layers(cfg: ExperimentConfig, check: _Checker) -> None:
+    """rng=cs231n replays the notebook, which has neither the new normalizations nor dropout."""
+    if cfg.rng != "cs231n":
+        return
+    kinds = set(normalization_kinds(cfg)) - {"batchnorm", "none"}
+    if "model.normalization" in dict(cfg.axes) or kinds:
+        check.fail(
+            "model.normalization",
+            "rng=cs231n replays the reference notebook, which pairs batch norm with a baseline; "
+            "use model.batchnorm (true/false) or rng=numpy",
+            related=("rng",),
+        )
+    if min(cfg.values("model.dropout_keep")) < 1:
+        check.fail(
+            "model.dropout_keep",
+            "rng=cs231n replays the reference notebook, which has no dropout; set "
+            "model.dropout_keep=1 or rng=numpy",
+            related=("rng",),
         )
 
 
@@ -776,14 +864,20 @@ def _plain(value: Any) -> Any:
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     """The resolved config as plain YAML/JSON types, axes as explicit lists.
 
-    The notebook's four grid keys are always lists; `limits` appears only when changed.
+    The notebook's four grid keys are always lists; `limits` appears only when changed, keys
+    added later only when not at their defaults (so saved configs of earlier experiments stay as
+    they were), and model.batchnorm not when model.normalization supersedes it.
     """
     out: dict[str, Any] = {}
-    for key, _ in _all_fields():
+    superseded = cfg.values("model.normalization") != (None,)
+    for key, f in _all_fields():
         section, _, name = key.rpartition(".")
-        if section == "limits":
+        if section == "limits" or (key == "model.batchnorm" and superseded):
             continue
         values = cfg.values(key)
+        newer = section in ("data", "model", "train") and key not in _ID_KEYS
+        if newer and values == (f.default,):
+            continue
         listed = key in _ALWAYS_LISTED or len(values) > 1
         value = _plain(list(values) if listed else values[0])
         (out.setdefault(section, {}) if section else out)[name] = value

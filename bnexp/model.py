@@ -1,10 +1,13 @@
-"""The fully connected net ``{affine - [batchnorm] - relu} x L - affine - softmax``, for stacks of
-nets.
+"""The fully connected net ``{affine - [norm] - relu - [dropout]} x L - affine - softmax``, for
+stacks of nets.
+
+``norm`` is one of `NORMALIZATIONS`, picked by name in `_normalize` / `_NORM_BACKWARD` (the only
+place that knows the layers); dropout is inverted dropout after each ReLU, in training steps only.
 
 Parameters live in a dict with keys ``W1, b1, gamma1, beta1, ..., W{L+1}, b{L+1}`` (gamma/beta only
-with batch norm). A *stack* of K networks of one architecture has a leading axis K on every array:
-``W{l}`` (K, din, dout), ``b{l}``, ``gamma{l}``, ``beta{l}`` (K, dout); a single network may omit
-it. The layers (`bnexp.layers`) reduce over the batch axis only, so the K networks never mix.
+with a normalization). A *stack* of K networks of one architecture has a leading axis K on every
+array: ``W{l}`` (K, din, dout), ``b{l}``, ``gamma{l}``, ``beta{l}`` (K, dout); a single network may
+omit it. The layers (`bnexp.layers`) reduce over the batch axis only, so the K networks never mix.
 
 The first layer has a second, *wide* layout for lockstep training on a shared minibatch: ``W1`` as
 (input_dim, K * H1), the K weight matrices side by side (`to_wide`), so the whole stack's first
@@ -15,6 +18,12 @@ gradient with respect to the input images is never computed.
 
 Batch-norm state (running mean/variance, momentum, eps) is a list of `bn_param` dicts, one per
 hidden layer, as in CS231n; its conventions are documented in `bnexp.layers.batchnorm_forward`.
+Layer norm has no state (train and test behave the same). Noisy batch norm is batch norm plus a
+per-unit, per-step random scale and shift in training steps (`bnexp.layers.sample_bn_noise`).
+
+The random numbers of a training step (dropout masks, batch-norm noise) come in as a `StepDraws`
+made by `draw_step` from each network's own generators, so a network's draws do not depend on the
+other networks of its stack.
 """
 
 from __future__ import annotations
@@ -27,6 +36,13 @@ from bnexp import layers
 
 #: Parameter dtypes a net can be stored and trained in.
 DTYPES = ("float32", "float64")
+
+#: Normalizations between a hidden affine layer and its ReLU.
+NORMALIZATIONS = ("none", "batchnorm", "layernorm", "noisy_batchnorm")
+#: The ones that normalize with batch statistics (they keep running statistics).
+BATCH_STAT_NORMALIZATIONS = ("batchnorm", "noisy_batchnorm")
+#: Default strength of noisy batch norm's noise (see `bnexp.layers.sample_bn_noise`).
+NOISY_BN_STRENGTH = layers.NOISY_BN_STRENGTH
 
 
 @dataclass(frozen=True)
@@ -42,16 +58,29 @@ class NetSpec:
     num_classes : int
         Output classes (10).
     batchnorm : bool
-        Batch norm between every hidden affine layer and its ReLU.
+        Whether the net normalizes with batch statistics (has running statistics). Given alone,
+        True means ``normalization='batchnorm'`` and False ``'none'`` (the original spelling);
+        with `normalization` given it is derived from it.
+    normalization : str
+        One of `NORMALIZATIONS`, between every hidden affine layer and its ReLU; '' (default)
+        means from `batchnorm`.
     """
 
     input_dim: int
     hidden_dims: tuple[int, ...]
     num_classes: int
-    batchnorm: bool
+    batchnorm: bool = False
+    normalization: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        norm = self.normalization or ("batchnorm" if self.batchnorm else "none")
+        if norm not in NORMALIZATIONS:
+            raise ValueError(
+                f"NetSpec: unknown normalization {norm!r}; use one of {NORMALIZATIONS}"
+            )
+        object.__setattr__(self, "normalization", norm)
+        object.__setattr__(self, "batchnorm", norm in BATCH_STAT_NORMALIZATIONS)
         dims = (self.input_dim, *self.hidden_dims, self.num_classes)
         if any(int(d) < 1 for d in dims):
             raise ValueError(f"NetSpec: every layer width must be >= 1, got {dims}")
@@ -73,7 +102,7 @@ def param_names(spec: NetSpec) -> list[str]:
     names = []
     for layer in range(1, spec.num_layers + 1):
         names += [f"W{layer}", f"b{layer}"]
-        if spec.batchnorm and layer < spec.num_layers:
+        if spec.normalization != "none" and layer < spec.num_layers:
             names += [f"gamma{layer}", f"beta{layer}"]
     return names
 
@@ -117,7 +146,7 @@ def init_params(spec: NetSpec, normals: list[np.ndarray], weight_scales, dtype) 
             )
         params[f"W{layer}"] = (scales[..., None, None] * z).astype(dtype)
         params[f"b{layer}"] = np.zeros((*lead, shape[1]), dtype=dtype)
-        if spec.batchnorm and layer < spec.num_layers:
+        if spec.normalization != "none" and layer < spec.num_layers:
             params[f"gamma{layer}"] = np.ones((*lead, shape[1]), dtype=dtype)
             params[f"beta{layer}"] = np.zeros((*lead, shape[1]), dtype=dtype)
     return params
@@ -126,7 +155,8 @@ def init_params(spec: NetSpec, normals: list[np.ndarray], weight_scales, dtype) 
 def init_bn_params(
     spec: NetSpec, lead: tuple[int, ...], dtype, eps: float = 1e-5, momentum: float = 0.9
 ) -> list[dict]:
-    """One `bn_param` dict per hidden layer (empty list without batch norm); running stats zeros.
+    """One `bn_param` dict per hidden layer (empty list unless the normalization uses batch
+    statistics); running stats zeros.
 
     lead: leading (network) axes, e.g. (K,); running_mean/var have shape (*lead, H_l).
     """
@@ -186,6 +216,96 @@ def _first_layer(params: dict, X: np.ndarray):
     return np.ascontiguousarray(out.reshape(X.shape[0], k, h).transpose(1, 0, 2)), _WideCache(cache)
 
 
+@dataclass(frozen=True)
+class StepDraws:
+    """The random numbers of one training step of a stack of K networks (see `draw_step`).
+
+    dropout : per hidden layer a `dropout_param` in 'train' mode (``p`` (K,) keep probabilities,
+        ``mask`` (K, N, H_l) bool), or None without dropout.
+    noise : per hidden layer the noisy batch norm's (scale, shift), each (K, H_l), or None.
+    """
+
+    dropout: list[dict] | None = None
+    noise: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def _split(a: np.ndarray, spec: NetSpec) -> list[np.ndarray]:
+    """(..., sum(H)) -> one (..., H_l) view per hidden layer."""
+    return np.split(a, np.cumsum(spec.hidden_dims)[:-1], axis=-1)
+
+
+def needs_draws(spec: NetSpec, keep) -> bool:
+    """Whether training steps draw random numbers: dropout (`keep` (K,) not None) or noisy batch
+    norm."""
+    return keep is not None or spec.normalization == "noisy_batchnorm"
+
+
+def draw_step(
+    spec: NetSpec, batch_size: int, dtype, keep=None, strength=None, rngs=()
+) -> StepDraws | None:
+    """Draw one training step's dropout masks and batch-norm noise for K networks.
+
+    Parameters
+    ----------
+    spec : the stack's architecture; noise is drawn only for noisy batch norm.
+    batch_size : N, examples per minibatch.
+    dtype : of the noise arrays (the compute dtype).
+    keep : (K,) keep probabilities, or None when dropout is off for every network.
+    strength : (K,) noise strengths (used with noisy batch norm only).
+    rngs : per network a (dropout, noise) pair of `numpy.random.Generator`. Network k draws only
+        from its own pair, one array per step for all its layers (masks: uniforms (N, sum(H)),
+        kept where below its p), so its draws do not depend on the other networks.
+
+    Returns
+    -------
+    StepDraws, or None when the step needs no random numbers (no per-step work).
+    """
+    if not needs_draws(spec, keep):
+        return None
+    noisy = spec.normalization == "noisy_batchnorm"
+    dropout = noise = None
+    width = sum(spec.hidden_dims)
+    if keep is not None:
+        keep = np.asarray(keep, dtype=np.float64)
+        u = np.stack([d.random((batch_size, width)) for d, _ in rngs])  # (K, N, sum(H))
+        masks = _split(u < keep[:, None, None], spec)
+        dropout = [{"mode": "train", "p": keep, "mask": m} for m in masks]
+    if noisy:
+        pairs = [
+            layers.sample_bn_noise(n, (width,), s, dtype)
+            for (_, n), s in zip(rngs, strength, strict=True)
+        ]
+        scales = _split(np.stack([sc for sc, _ in pairs]), spec)
+        shifts = _split(np.stack([sh for _, sh in pairs]), spec)
+        noise = list(zip(scales, shifts, strict=True))
+    return StepDraws(dropout=dropout, noise=noise)
+
+
+def _normalize(spec, layer, a, params, bn_params, bn_mode, draws):
+    """The normalization of hidden layer `layer` (1-based) by name -> (out, cache)."""
+    kind = spec.normalization
+    if kind == "none":
+        return a, None
+    gamma, beta = params[f"gamma{layer}"], params[f"beta{layer}"]
+    if kind == "layernorm":
+        return layers.layernorm_forward(a, gamma, beta, {})
+    bn_param = bn_params[layer - 1]
+    bn_param["mode"] = bn_mode
+    if kind == "batchnorm":
+        return layers.batchnorm_forward(a, gamma, beta, bn_param)
+    # Noise only in training steps: evaluation and the population pass see plain batch norm.
+    noise = draws.noise[layer - 1] if draws is not None and bn_mode == "train" else None
+    return layers.noisy_batchnorm_forward(a, gamma, beta, bn_param, noise)
+
+
+#: Backward pass of each normalization -> (dx, dgamma, dbeta).
+_NORM_BACKWARD = {
+    "batchnorm": layers.batchnorm_backward_alt,
+    "layernorm": layers.layernorm_backward,
+    "noisy_batchnorm": layers.noisy_batchnorm_backward,
+}
+
+
 def forward(
     spec: NetSpec,
     params: dict,
@@ -194,6 +314,7 @@ def forward(
     bn_mode: str,
     *,
     keep_caches: bool = True,
+    draws: StepDraws | None = None,
 ):
     """Class scores of every network of the stack.
 
@@ -205,12 +326,15 @@ def forward(
         ('train' updates running stats, 'batch' uses the batch's own stats, 'test' the running
         ones).
     keep_caches : False drops the caches as it goes (inference).
+    draws : the training step's dropout masks and noise (`draw_step`); None means no dropout and
+        no noise (evaluation).
 
     Returns
     -------
     scores : (..., N, C)
-    caches : list of per-layer caches for `backward` (empty when not `keep_caches`); each hidden
-        layer's batch-norm cache carries the batch ``mean``/``var`` (..., 1, H).
+    caches : list of per-layer caches ``(affine, norm, relu, dropout)`` for `backward` (empty
+        when not `keep_caches`); each hidden layer's batch-norm cache carries the batch
+        ``mean``/``var`` (..., 1, H), its relu cache is the ReLU's input.
     """
     caches = []
     h = None
@@ -220,19 +344,16 @@ def forward(
         else:
             a, affine_cache = layers.affine_forward(h, params[f"W{layer}"], params[f"b{layer}"])
         if layer == spec.num_layers:
-            caches.append((affine_cache, None, None))
+            caches.append((affine_cache, None, None, None))
             return a, (caches if keep_caches else [])
-        bn_cache = None
-        if spec.batchnorm:
-            bn_param = bn_params[layer - 1]
-            bn_param["mode"] = bn_mode
-            a, bn_cache = layers.batchnorm_forward(
-                a, params[f"gamma{layer}"], params[f"beta{layer}"], bn_param
-            )
+        a, norm_cache = _normalize(spec, layer, a, params, bn_params, bn_mode, draws)
         # Inference: a is a fresh temporary nobody keeps, so the ReLU overwrites it.
         h, relu_cache = layers.relu_forward(a, inplace=not keep_caches)
+        dropout_cache = None
+        if draws is not None and draws.dropout is not None:
+            h, dropout_cache = layers.dropout_forward(h, draws.dropout[layer - 1])
         if keep_caches:
-            caches.append((affine_cache, bn_cache, relu_cache))
+            caches.append((affine_cache, norm_cache, relu_cache, dropout_cache))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -241,13 +362,15 @@ def backward(spec: NetSpec, dscores: np.ndarray, caches: list) -> dict:
     grads = {}
     dout = dscores
     for layer in range(spec.num_layers, 0, -1):
-        affine_cache, bn_cache, relu_cache = caches[layer - 1]
+        affine_cache, norm_cache, relu_cache, dropout_cache = caches[layer - 1]
         if layer < spec.num_layers:
+            if dropout_cache is not None:
+                dout = layers.dropout_backward(dout, dropout_cache)
             dout = layers.relu_backward(dout, relu_cache)
-            if spec.batchnorm:
-                dout, grads[f"gamma{layer}"], grads[f"beta{layer}"] = layers.batchnorm_backward_alt(
-                    dout, bn_cache
-                )
+            if spec.normalization != "none":
+                dout, grads[f"gamma{layer}"], grads[f"beta{layer}"] = _NORM_BACKWARD[
+                    spec.normalization
+                ](dout, norm_cache)
         if layer > 1:
             dout, grads[f"W{layer}"], grads[f"b{layer}"] = layers.affine_backward(
                 dout, affine_cache
@@ -287,6 +410,7 @@ def loss_and_grads(
     bn_params: list[dict],
     *,
     reg: float = 0.0,
+    draws: StepDraws | None = None,
 ):
     """Training-mode loss and gradients of every network (CS231n ``FullyConnectedNet.loss``).
 
@@ -297,13 +421,14 @@ def loss_and_grads(
     y : (N,) or (K, N) integer labels.
     bn_params : bn_param dicts; updated in place with the new running statistics.
     reg : L2 strength on the weights (not biases, gamma, beta).
+    draws : the step's dropout masks and noise (`draw_step`), or None.
 
     Returns
     -------
     loss : (...) per-network mean softmax loss plus the L2 penalty.
     grads : dict with params' keys and shapes.
     """
-    scores, caches = forward(spec, params, X, bn_params, "train")
+    scores, caches = forward(spec, params, X, bn_params, "train", draws=draws)
     loss, dscores = layers.softmax_loss(scores, y)
     grads = backward(spec, dscores, caches)
     if reg:
@@ -315,6 +440,7 @@ def loss_and_grads(
 
 
 def predict(spec: NetSpec, params: dict, X: np.ndarray, bn_params: list[dict]) -> np.ndarray:
-    """Predicted classes (..., N) in test mode: batch norm uses the running statistics."""
+    """Predicted classes (..., N) in test mode: batch norm uses the running statistics, no
+    dropout, no noise."""
     scores, _ = forward(spec, params, X, bn_params, "test", keep_caches=False)
     return scores.argmax(axis=-1)

@@ -8,7 +8,8 @@ the same numbers, whatever the order or process the runs execute in.
 Two ways to make plans:
 
 - `numpy_plan` (the default, ``rng: numpy``): independent streams derived from the run's seed with
-  `numpy.random.SeedSequence` (child 0 for the weights, child 1 for the minibatches). The streams
+  `numpy.random.SeedSequence` (child 0 for the weights, child 1 for the minibatches, and child 2
+  for the per-step draws of the random layers, see `step_generators`). The streams
   depend only on the seed and the layer shapes, so runs with the same seed and the same layer widths
   get the same standard normals and the same minibatches: a batch-norm net and its baseline, and the
   nets of a weight-scale sweep, differ only in the factor under study (a paired design). Use
@@ -50,10 +51,30 @@ class RunPlan:
     batch_indices : np.ndarray
         int64, shape (num_iterations, batch_size): the training-set rows of each iteration's
         minibatch.
+    seed : int or None
+        The seed of the per-step streams (`step_generators`); None for a plan without them
+        (the cs231n replay, whose reference has no dropout and no noise).
     """
 
     normals: list[np.ndarray]
     batch_indices: np.ndarray
+    seed: int | None = None
+
+
+def step_generators(plan: RunPlan) -> tuple[np.random.Generator, np.random.Generator]:
+    """Fresh (dropout, noise) generators of a run: children (2, 0) and (2, 1) of its seed.
+
+    Dropout masks and batch-norm noise are drawn step by step while training (drawing them all
+    up front would hold num_iterations * batch_size * sum(H) numbers per run), each network from
+    its own two streams, so its draws do not depend on the other networks of its group, on
+    ``--jobs`` or on whether the other random layer is present. Each call starts the streams
+    anew, so training a run twice draws the same numbers.
+    """
+    if plan.seed is None:
+        raise ValueError("step_generators: this plan has no per-step streams (rng=cs231n)")
+    return tuple(
+        np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(2, i))) for i in range(2)
+    )
 
 
 def iterations_per_epoch(num_train: int, batch_size: int) -> int:
@@ -119,7 +140,7 @@ def numpy_plan(
         indices = np.array(slices[:num_iterations]).reshape(num_iterations, batch_size)
     else:
         raise AssertionError(f"sampling {sampling!r} is not one of {SAMPLING_MODES}")
-    return RunPlan(normals=normals, batch_indices=indices.astype(np.int64))
+    return RunPlan(normals=normals, batch_indices=indices.astype(np.int64), seed=seed)
 
 
 def cs231n_plans(

@@ -5,11 +5,13 @@ Data flows one way: config -> runs -> (data, random plans) -> train -> records -
 
 Groups and processes
 --------------------
-Runs that share an architecture and every solver setting except weight scale, learning rate and
-seed form one *lockstep group* (`bnexp.train.train_group`): the default sweep has two groups of 20
-networks, batch norm and baseline. ``--jobs N`` hands whole groups to N worker processes with one
-BLAS thread each. A group is never split across processes, so a network's numbers never depend on
-``--jobs``; the tests check that results.csv is identical for ``--jobs 1`` and ``--jobs 2``.
+Runs that share an architecture (shapes and normalization) and every solver setting except the
+per-network numbers (`PER_NETWORK_KEYS`: weight scale, learning rate, seed, dropout keep
+probability, noise strength) form one *lockstep group* (`bnexp.train.train_group`): the default
+sweep has two groups of 20 networks, batch norm and baseline. ``--jobs N`` hands whole groups to N
+worker processes with one BLAS thread each. A group is never split across processes, so a network's
+numbers never depend on ``--jobs``; the tests check that results.csv is identical for ``--jobs 1``
+and ``--jobs 2``.
 
 Resume and interruption
 -----------------------
@@ -50,7 +52,13 @@ from bnexp.train import Member, RunResult, SolverSettings, train_group
 
 #: Settings that differ between the networks of one lockstep group (each member carries its own);
 #: any other difference (shapes, batch size, layer kinds, solver) starts a separate group.
-PER_NETWORK_KEYS = ("seed", "model.weight_scale", "train.learning_rate")
+PER_NETWORK_KEYS = (
+    "seed",
+    "model.weight_scale",
+    "train.learning_rate",
+    "model.dropout_keep",
+    "model.bn_noise",
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def net_spec(cfg: ExperimentConfig) -> NetSpec:
         input_dim=INPUT_DIM,
         hidden_dims=tuple(cfg.model.hidden_dims),
         num_classes=NUM_CLASSES,
-        batchnorm=cfg.model.batchnorm,
+        normalization=cfg.model.kind,
     )
 
 
@@ -259,6 +267,12 @@ class _GroupJob:
         return train_group(self.spec, list(self.members), data, self.settings, on_progress)
 
 
+def _member(cfg: ExperimentConfig, plan: RunPlan) -> Member:
+    """A run as a member of its lockstep group: its per-network numbers and its plan."""
+    m = cfg.model
+    return Member(m.weight_scale, cfg.train.learning_rate, plan, m.dropout_keep, m.bn_noise)
+
+
 def _group_jobs(runs: Sequence[Run], todo: Sequence[int]) -> list[_GroupJob]:
     """The lockstep groups holding an unfinished run of `todo` (indices into `runs`), with plans.
 
@@ -273,10 +287,7 @@ def _group_jobs(runs: Sequence[Run], todo: Sequence[int]) -> list[_GroupJob]:
         if unfinished.isdisjoint(indices):
             continue
         first = runs[indices[0]].cfg
-        members = tuple(
-            Member(runs[i].cfg.model.weight_scale, runs[i].cfg.train.learning_rate, plans[i])
-            for i in indices
-        )
+        members = tuple(_member(runs[i].cfg, plans[i]) for i in indices)
         jobs.append(_GroupJob(tuple(indices), net_spec(first), members, solver_settings(first)))
     return jobs
 

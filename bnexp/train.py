@@ -1,17 +1,19 @@
 """The training loop: CS231n Solver semantics for a group of K networks advanced in lockstep.
 
-A *group* is K networks of one architecture (same `NetSpec`, so the same batch-norm flag) that
-differ in weight scale, learning rate and random plan. They are trained as one stack: every
-parameter has a leading axis K, and one Python-level step per minibatch advances all K. A single
-network is K = 1; there is no other code path. Each network's numbers are the same as if it were
-trained alone (up to the last bits of BLAS summation order; the tests check 1e-10 in float64 and
-identical accuracies).
+A *group* is K networks of one architecture (same `NetSpec`, so the same normalization) that differ
+in weight scale, learning rate, dropout keep probability, noise strength and random plan. They are
+trained as one stack: every parameter has a leading axis K, and one Python-level step per minibatch
+advances all K. A single network is K = 1; there is no other code path. Each network's numbers are
+the same as if it were trained alone (up to the last bits of BLAS summation order; the tests check
+1e-10 in float64 and identical accuracies).
 
 Semantics (the reference is CS231n's ``Solver`` with ``FullyConnectedNet``, 2017+ notebook):
 
 - ``num_iterations = epochs * max(num_train // batch_size, 1)``; iteration t trains on the plan's
   minibatch ``batch_indices[t]``, applies one update (Adam by default) and records the minibatch
-  loss.
+  loss. With dropout (some keep probability below 1) or noisy batch norm, the step's masks and
+  noise are drawn first, each network from its own plan streams (`bnexp.plan.step_generators`);
+  without them a step draws nothing.
 - At every epoch end the learning rate is multiplied by ``lr_decay``.
 - Accuracy checks after the first iteration ("epoch 0"), at every epoch end and after the last
   iteration: accuracy on the whole training subset and on the whole validation set, predictions
@@ -67,7 +69,7 @@ import numpy as np
 
 from bnexp import layers, model, optim
 from bnexp.model import NetSpec
-from bnexp.plan import RunPlan, iterations_per_epoch
+from bnexp.plan import RunPlan, iterations_per_epoch, step_generators
 
 BN_EVAL_MODES = ("running", "population", "batch")
 
@@ -142,11 +144,15 @@ class SolverSettings:
 
 @dataclass(frozen=True)
 class Member:
-    """One network of a group: its weight scale, learning rate (None: the settings') and plan."""
+    """One network of a group: its weight scale, learning rate (None: the settings') and plan,
+    the probability of keeping a unit in dropout (1: no dropout) and the strength of noisy batch
+    norm's noise (used only when the group's normalization is noisy_batchnorm)."""
 
     weight_scale: float
     learning_rate: float | None
     plan: RunPlan
+    dropout_keep: float = 1.0
+    bn_noise: float = model.NOISY_BN_STRENGTH
 
 
 @dataclass
@@ -333,6 +339,23 @@ class _Group:
         }
         self.alive = np.ones(self.K, dtype=bool)
         self._push_learning_rates()
+        self._init_draws(members)
+
+    def _init_draws(self, members) -> None:
+        """Per-network dropout keep probabilities, noise strengths and their generators."""
+        keep = np.array([m.dropout_keep for m in members], dtype=np.float64)
+        self.keep = keep if (keep < 1).any() else None  # None: no dropout, no per-step work
+        self.strength = np.array([m.bn_noise for m in members], dtype=np.float64)
+        needs = model.needs_draws(self.spec, self.keep)
+        self.rngs = [step_generators(m.plan) for m in members] if needs else []
+
+    def draw(self, batch_size: int) -> model.StepDraws | None:
+        """This step's dropout masks and noise for every network (None when there are none)."""
+        if not self.rngs:
+            return None
+        return model.draw_step(
+            self.spec, batch_size, self.dtype, self.keep, self.strength, self.rngs
+        )
 
     def _push_learning_rates(self) -> None:
         lr = np.where(self.alive, self.lr, 0.0)
@@ -413,7 +436,7 @@ def _population_stats(group: _Group, X: np.ndarray) -> list[tuple[np.ndarray, np
     for b in range(num_batches):
         xb = X[b * m : (b + 1) * m]  # shared (m, D); stacked W1 broadcasts it over the K nets
         _, caches = model.forward(spec, group.params, xb, scratch, "batch")
-        for layer, (_, bn_cache, _) in enumerate(caches[:-1]):
+        for layer, (_, bn_cache, _, _) in enumerate(caches[:-1]):
             means[layer].append(bn_cache["mean"][..., 0, :])
             variances[layer].append(bn_cache["var"][..., 0, :])
     return [
@@ -499,8 +522,9 @@ def _step(group: _Group, inputs: _Inputs, t: int, history: _History) -> None:
     """Iteration t: minibatch loss and gradients, divergence, one update of every network."""
     rows = inputs.indices[0, t] if inputs.wide else inputs.indices[:, t]  # (N,) or (K, N)
     xb, yb = inputs.X_train[rows], inputs.y_train[rows]
+    draws = group.draw(rows.shape[-1])
     loss, grads = model.loss_and_grads(
-        group.spec, group.params, xb, yb, group.bn_params, reg=group.settings.reg
+        group.spec, group.params, xb, yb, group.bn_params, reg=group.settings.reg, draws=draws
     )
     newly = np.flatnonzero(group.alive & ~np.isfinite(loss))
     if newly.size:
@@ -574,10 +598,10 @@ def train_group(
     Parameters
     ----------
     spec : NetSpec
-        The shared architecture (batch norm or not).
+        The shared architecture (its normalization by name).
     members : list of Member
         Per network: weight scale, learning rate, plan (normals per layer (din, dout) and
-        batch_indices (num_iterations, batch_size)).
+        batch_indices (num_iterations, batch_size)), dropout keep probability, noise strength.
     data : splits (e.g. `bnexp.data.Splits`)
         float64 features X_* (N, input_dim), int labels y_* (N,); cast once to the compute dtype.
     settings : SolverSettings

@@ -486,3 +486,11 @@ def test_limits_can_be_raised_by_an_override(tmp_path):
     assert C.num_runs(cfg) == 40_000
     assert "limits:" in C.config_to_yaml(cfg)  # a raised limit is saved with the config
     assert "limits" not in C.config_to_yaml(C.load_config(None))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_IDS))
+def test_shipped_configs_save_the_text_their_committed_results_hold(name):
+    """Resume compares OUT/config.yaml as text: keys added later must not change it."""
+    cfg = C.load_config(REPO_CONFIGS / f"{name}.yaml")
+    committed = REPO_CONFIGS.parent / "results" / name / "config.yaml"
+    assert C.config_to_yaml(cfg) == committed.read_text(encoding="utf-8")

@@ -35,7 +35,7 @@ def test_whole_net_gradients_match_finite_differences(batchnorm, reg):
     spec, params, X, y = _setup(batchnorm, seed=19)
     bn = model.init_bn_params(spec, (2,), np.float64)
     _, caches = model.forward(spec, params, X, bn, "train")
-    assert min(np.abs(relu_in).min() for _, _, relu_in in caches[:-1]) > 1e-3
+    assert min(np.abs(relu_in).min() for _, _, relu_in, _ in caches[:-1]) > 1e-3
     _, grads = model.loss_and_grads(spec, params, X, y, bn, reg=reg)
     weights = np.array([0.8, -1.3])  # combine the two networks' losses with distinct weights
 
