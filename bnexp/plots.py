@@ -47,9 +47,12 @@ CHANCE_ACC = 0.1  # 10 CIFAR-10 classes
 UNIFORM_LOSS = math.log(10)  # softmax loss of a uniform guess over 10 classes
 SWEEP_LOSS_RANGE = (1.0, 3.5)  # the notebook's linear y range of the final-loss panel
 CURVE_LOSS_TOP = 2 * UNIFORM_LOSS  # training curves: a loss above this has blown up (clipped)
-BN_STYLE = {
-    True: {"color": "C0", "label": "batch norm"},
-    False: {"color": "C1", "label": "baseline"},
+#: Colour and legend name of each normalization (batch norm and baseline as the notebook's).
+KIND_STYLE = {
+    "batchnorm": {"color": "C0", "label": "batch norm"},
+    "none": {"color": "C1", "label": "baseline"},
+    "layernorm": {"color": "C2", "label": "layer norm"},
+    "noisy_batchnorm": {"color": "C3", "label": "noisy batch norm"},
 }
 DIVERGED_COLOR = "red"
 LINESTYLES = ("-", "--", ":", "-.")
@@ -191,7 +194,7 @@ class Line:
 
 def _label(summary: dict, keys: Sequence[str]) -> str:
     """'batch norm' or 'baseline', then 'scale 1e-4, lr 1e-3, ...' for the given setting keys."""
-    parts = [BN_STYLE[bool(summary.get("batchnorm"))]["label"]]
+    parts = [KIND_STYLE[summary["normalization"]]["label"]]
     for key in keys:
         value = summary.get(key)
         text = fmt_sci(value) if isinstance(value, float) else report.fmt_value(value)
@@ -205,8 +208,9 @@ def _make_lines(summaries: Sequence[dict], x_key: str | None, label_keys: list[s
     Colour = batch norm or baseline; line style = the other settings (scale, lr, ...).
     """
     without = ("seed", x_key) if x_key else ("seed",)
-    styles = report.group_runs(summaries, (*without, "batchnorm"))
-    style_of = {report.setting_of(g[0], (*without, "batchnorm")): i for i, g in enumerate(styles)}
+    kind_keys = (*without, "batchnorm", "normalization")
+    styles = report.group_runs(summaries, kind_keys)
+    style_of = {report.setting_of(g[0], kind_keys): i for i, g in enumerate(styles)}
     lines = []
     for group in report.group_runs(summaries, without):
         points = report.group_runs(group, ("seed",))
@@ -214,18 +218,19 @@ def _make_lines(summaries: Sequence[dict], x_key: str | None, label_keys: list[s
             points = [p for p in points if p[0].get(x_key) is not None]
             points.sort(key=lambda p: float(p[0][x_key]))
         first = group[0]
-        bn = bool(first.get("batchnorm"))
-        index = style_of[report.setting_of(first, (*without, "batchnorm"))]
+        kind = first["normalization"]
+        index = style_of[report.setting_of(first, kind_keys)]
         lines.append(
             Line(
                 label=_label(first, label_keys),
-                color=BN_STYLE[bn]["color"],
+                color=KIND_STYLE[kind]["color"],
                 linestyle=LINESTYLES[index % len(LINESTYLES)],
                 xs=tuple(float(p[0][x_key]) if x_key else 0.0 for p in points),
                 runs=tuple(tuple(p) for p in points),
             )
         )
-    lines.sort(key=lambda line: line.color != BN_STYLE[True]["color"])  # stable: BN first
+    order = [style["color"] for style in KIND_STYLE.values()]
+    lines.sort(key=lambda line: order.index(line.color))  # stable: BN first, then baseline, ...
     return lines
 
 
@@ -300,7 +305,7 @@ def select_curve_runs(summaries: Sequence[dict], max_scales: int = 3) -> list[di
     if len(scales) <= max_scales:
         return list(summaries)
     picked = {scales[0], scales[len(scales) // 2], scales[-1]}
-    fixed = ("seed", "weight_scale", "batchnorm")
+    fixed = ("seed", "weight_scale", "batchnorm", "normalization")
     first = report.setting_of(summaries[0], fixed)
     return [
         s
@@ -468,7 +473,8 @@ def build_curves_figure(summaries: Sequence[dict], expected_runs: int | None = N
     summaries = report.with_axes(summaries)
     runs = select_curve_runs(summaries)
     varying = report.varying_keys(summaries)
-    lines = _make_lines(runs, None, [k for k in varying if k not in ("batchnorm", "seed")])
+    fixed = ("batchnorm", "normalization", "seed")
+    lines = _make_lines(runs, None, [k for k in varying if k not in fixed])
     curves = [curves_of(line.runs[0]) for line in lines]
     top = _curve_top(curves)
     handles = _curve_handles(lines, curves, top)
@@ -707,7 +713,7 @@ def build_sweep_figure(
     """
     summaries = report.with_axes(summaries)
     varying = report.varying_keys(summaries)
-    label_keys = [k for k in varying if k not in ("batchnorm", "seed", x_key)]
+    label_keys = [k for k in varying if k not in ("batchnorm", "normalization", "seed", x_key)]
     lines = _make_lines(summaries, x_key, label_keys)
     marks = _loss_marks(lines)
     handles = _sweep_handles(lines, marks)
@@ -729,7 +735,9 @@ def build_sweep_figure(
         ax.grid(True, alpha=0.3)
     _share_x(axes, _is_log_axis(lines))
     axes[-1].set_xlabel(X_LABELS.get(x_key, x_key))
-    fig.suptitle(f"{SWEEP_TITLES.get(x_key, x_key + ' sweep')}: batch norm vs baseline",
+    kinds = {s["normalization"] for s in summaries} - {"batchnorm", "none"}
+    versus = "normalizations compared" if kinds else "batch norm vs baseline"
+    fig.suptitle(f"{SWEEP_TITLES.get(x_key, x_key + ' sweep')}: {versus}",
                  fontsize=13, y=0.995)  # fmt: skip
     _caption(fig, text, 100)
     _legend_below(fig, handles, 2, caption_h + 0.05)

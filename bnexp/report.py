@@ -41,6 +41,9 @@ RESULT_FIELDS = frozenset(
 RESULT_SUFFIXES = ("_acc", "_loss", "_history", "_iteration", "_iterations", "seconds", "_id")
 # Short column and label names of the usual sweep axes; other keys are shown by their name.
 SHORT_NAMES = {"weight_scale": "scale", "learning_rate": "lr"}
+#: The normalization a batch-norm flag means, and the kinds in column order with short names.
+KINDS = {True: "batchnorm", False: "none"}
+KIND_COLUMNS = {"batchnorm": "BN", "none": "base", "layernorm": "LN", "noisy_batchnorm": "noisyBN"}
 
 
 def is_setting(key: str) -> bool:
@@ -55,14 +58,14 @@ def with_axes(summaries: Sequence[dict]) -> list[dict]:
     """The summaries with every swept key of their ``axes`` as a field of its own, named by its
     dotted key (``model.dropout_keep``), unless summary.json has a field for it already under its
     last name (``batch_size``, ``weight_scale``, ``seed``, ...). Summaries without ``axes`` are
-    returned as they are."""
+    returned as they are. Every summary gets ``normalization``: the swept kind, else batchnorm
+    or none from the flag."""
     out = []
     for s in summaries:
-        axes = s.get("axes")
-        if isinstance(axes, dict):
-            own = {k: v for k, v in axes.items() if k.rsplit(".", 1)[-1] not in s}
-            s = {**s, **own}
-        out.append(s)
+        axes = s.get("axes") if isinstance(s.get("axes"), dict) else {}
+        kind = axes.get("model.normalization") or KINDS[bool(s.get("batchnorm"))]
+        s = {**s, "normalization": kind}
+        out.append({**s, **{k: v for k, v in axes.items() if k.rsplit(".", 1)[-1] not in s}})
     return out
 
 
@@ -190,41 +193,52 @@ def _stat_cell(runs: list[dict], key: str, spec: str) -> str:
 
 def _row_keys(summaries: Sequence[dict]) -> list[str]:
     """The setting keys that label a row: weight_scale first, then the other varying ones."""
-    varying = [k for k in varying_keys(summaries) if k not in ("batchnorm", "weight_scale")]
-    return ["weight_scale", *varying]
+    fixed = ("batchnorm", "normalization", "weight_scale")
+    return ["weight_scale", *[k for k in varying_keys(summaries) if k not in fixed]]
 
 
-def _n_text(bn: list[dict], base: list[dict]) -> str:
-    """Replicates in a row: '3', or '3/2' (BN/baseline) when a partial result differs."""
-    if bn and base and len(bn) != len(base):
-        return f"{len(bn)}/{len(base)}"
-    return str(len(bn or base))
+def _kinds(summaries: Sequence[dict]) -> list[str]:
+    """The normalizations side by side in the table: BN and baseline for the notebook's
+    experiments (even when one is missing), else every kind present, in KIND_COLUMNS order."""
+    present = {s["normalization"] for s in summaries}
+    if present <= {"batchnorm", "none"}:
+        return ["batchnorm", "none"]
+    return [k for k in KIND_COLUMNS if k in present]
+
+
+def _n_text(sides: list[list[dict]]) -> str:
+    """Replicates in a row: '3', or '3/2' (per side, BN/baseline) when a partial result differs."""
+    counts = [len(runs) for runs in sides if runs]
+    if len(set(counts)) > 1:
+        return "/".join(str(len(runs)) for runs in sides)
+    return str(counts[0] if counts else 0)
 
 
 def summary_table(summaries: Sequence[dict]) -> str:
-    """Rows of weight scale (and every other varying setting) with BN and baseline side by side:
-    best val accuracy, best train accuracy, final training loss (mean of the last minibatch
-    losses), and test accuracy of the best-val parameters.
+    """Rows of weight scale (and every other varying setting) with the normalizations side by
+    side (batch norm and baseline, and layer norm or noisy batch norm when present): best val
+    accuracy, best train accuracy, final training loss (mean of the last minibatch losses), and
+    test accuracy of the best-val parameters.
 
     With one seed a row shows each run's values; with several seeds (replicates) a row is one
     setting and shows mean±SD over its seeds (sample SD, finite values only) and n.
     """
     summaries = with_axes(summaries)
     several_seeds = len({hashable(s.get("seed")) for s in summaries}) > 1
-    keys = _row_keys(summaries)
-    rows: dict[tuple, dict[bool, list[dict]]] = {}
+    keys, kinds = _row_keys(summaries), _kinds(summaries)
+    rows: dict[tuple, dict[str, list[dict]]] = {}
     for s in summaries:
         row = tuple(hashable(s.get(k)) for k in keys)
-        rows.setdefault(row, {True: [], False: []})[bool(s.get("batchnorm"))].append(s)
+        rows.setdefault(row, {k: [] for k in kinds})[s["normalization"]].append(s)
     head = [SHORT_NAMES.get(k, k) for k in keys] + (["n"] if several_seeds else [])
     for _, stem, _ in METRIC_COLUMNS:
-        head += [f"{stem} BN", f"{stem} base"]
+        head += [f"{stem} {KIND_COLUMNS[k]}" for k in kinds]
     lines = [head]
-    for row, pair in rows.items():
+    for row, sides in rows.items():
         cells = [fmt_value(v) for v in row]
-        cells += [_n_text(pair[True], pair[False])] if several_seeds else []
+        cells += [_n_text(list(sides.values()))] if several_seeds else []
         for key, _, spec in METRIC_COLUMNS:
-            for runs in (pair[True], pair[False]):
+            for runs in sides.values():
                 if several_seeds:
                     cells.append(_stat_cell(runs, key, spec))
                 else:

@@ -232,7 +232,7 @@ def test_loss_panel_is_linear_with_blown_up_runs_marked_at_the_top():
     assert loss_ax.get_ylim() == plots.SWEEP_LOSS_RANGE
     (mark,) = [a for a in loss_ax.get_lines() if a.get_label() == "above the axis"]
     assert list(mark.get_xdata()) == [1.0] and mark.get_marker() == "^"
-    assert mark.get_color() == plots.BN_STYLE[False]["color"]
+    assert mark.get_color() == plots.KIND_STYLE["none"]["color"]
     assert [t.get_text() for t in loss_ax.texts] == ["2.4e5"]
     fig.canvas.draw()
     for ax in fig.axes:

@@ -122,3 +122,25 @@ def test_stat_counts_finite_values_only(values, mean, sd, n):
     assert (st.n, st.n_runs, st.n_diverged) == (n, len(runs), values.count(None))
     assert st.mean == pytest.approx(mean)
     assert st.sd == pytest.approx(sd) if sd is not None else np.isnan(st.sd)
+
+
+def test_every_normalization_gets_its_columns_and_the_flag_pairs_stay_as_they_were():
+    kinds = ("batchnorm", "layernorm", "noisy_batchnorm", "none")
+    summaries = [
+        {
+            "run_id": kind, "batchnorm": kind == "batchnorm", "weight_scale": 0.02, "seed": 1,
+            "axes": {"model.normalization": kind}, "best_val_acc": 0.1 * (i + 1),
+            "best_train_acc": 0.5, "final_train_loss": 1.0, "test_acc": 0.2, "diverged": False,
+        }
+        for i, kind in enumerate(kinds)
+    ]  # fmt: skip
+    head, _, row = report.summary_table(summaries).splitlines()
+    order = [head.index(f"val {name}") for name in ("BN", "base", "LN", "noisyBN")]
+    assert order == sorted(order) and "normalization" not in head
+    # val per kind in the column order BN, base, LN, noisyBN: 0.1, 0.4, 0.2, 0.3.
+    assert row.split()[1:5] == ["0.100", "0.400", "0.200", "0.300"]
+    # Only the batch-norm flag (the notebook's experiments): BN and baseline, as before.
+    flags = [{**s, "axes": {}} for s in summaries if s["run_id"] in ("batchnorm", "none")]
+    head_flags, _, row_flags = report.summary_table(flags).splitlines()
+    assert "val LN" not in head_flags and head_flags.index("val BN") < head_flags.index("val base")
+    assert row_flags.split()[1:3] == ["0.100", "0.400"]
