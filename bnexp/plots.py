@@ -637,7 +637,7 @@ def _is_log_axis(lines: Sequence[Line]) -> bool:
     return bool(xs) and min(xs) > 0 and max(xs) >= 10 * min(xs)
 
 
-def _share_x(axes, log: bool) -> None:
+def _share_x(axes, lines: Sequence[Line], log: bool) -> None:
     """One x axis for the stacked panels, labelled on the bottom one only.
 
     Not sharex: shared axes share their tickers, and the minor ticks the upper panels would
@@ -654,6 +654,11 @@ def _share_x(axes, log: bool) -> None:
             _mathtext_log_ticks(ax.xaxis)
     if log:
         axes[-1].xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    xs = sorted({x for line in lines for x in line.xs})
+    if not log or xs[-1] < 100 * xs[0]:  # few decades: label the swept values themselves
+        for ax in axes:
+            ax.set_xticks(xs, [fmt_sci(x) for x in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
     for ax in axes[:-1]:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.tick_params(labelbottom=False)
@@ -663,10 +668,12 @@ def _share_x(axes, log: bool) -> None:
 X_LABELS = {
     "weight_scale": "weight initialization scale (W ~ scale x N(0, 1))",
     "learning_rate": "learning rate",
+    "batch_size": "batch size (examples per minibatch)",
 }
 SWEEP_TITLES = {
     "weight_scale": "Weight initialization sweep",
     "learning_rate": "Learning-rate sweep",
+    "batch_size": "Batch-size sweep",
 }
 SWEEP_STEMS = {"weight_scale": "weight_init_sweep"}
 
@@ -733,7 +740,7 @@ def build_sweep_figure(
         ax.set_title(title, pad=pad)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    _share_x(axes, _is_log_axis(lines))
+    _share_x(axes, lines, _is_log_axis(lines))
     axes[-1].set_xlabel(X_LABELS.get(x_key, x_key))
     kinds = {s["normalization"] for s in summaries} - {"batchnorm", "none"}
     versus = "normalizations compared" if kinds else "batch norm vs baseline"
