@@ -129,6 +129,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ProbesConfig:
+    """Probes inside the networks while they train (`bnexp.probes`), off by default.
+
+    Recorded after `every` updates, every `every` updates and at the last iteration (0: off),
+    on the first `batch_size` images of the training subset (the same for every network and
+    probe); `ics` and `landscape` add the per-step measurements of Santurkar et al. (2018).
+    Probes never change a network's numbers, so these keys cannot be sweep axes; they enter a
+    run's id only when probing is on (its records then hold the probe files).
+    """
+
+    every: int = setting(0, "int", ge=0, axis=False)
+    batch_size: int = setting(200, "int", ge=1, axis=False)
+    ics: bool = setting(False, "bool", axis=False)
+    landscape: bool = setting(False, "bool", axis=False)
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """Resource guards checked at load time, before anything is built (raise them to go further).
 
@@ -161,6 +178,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     axes: tuple[Axis, ...] = ()
 
@@ -190,7 +208,13 @@ class Run:
     cfg: ExperimentConfig
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "limits": LimitsConfig}
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "probes": ProbesConfig,
+    "limits": LimitsConfig,
+}
 _TOP_SCALARS = ("name", "seed", "rng")
 _TOP_KEYS = (*_TOP_SCALARS, *_SECTIONS)
 
@@ -543,6 +567,13 @@ def _cross_checks(cfg: ExperimentConfig, check: _Checker) -> None:
             "set train.sampling=replacement or rng=numpy",
             related=("rng",),
         )
+    if cfg.probes.every and cfg.probes.batch_size > data.num_train:
+        check.fail(
+            "probes.batch_size",
+            f"{cfg.probes.batch_size} probe images is more than the {data.num_train} training "
+            "images (data.num_train); lower it",
+            related=("data.num_train",),
+        )
     population = "population" in cfg.values("train.bn_eval")
     if population and min(batch_sizes) < 2 and True in cfg.values("model.batchnorm"):
         check.fail(
@@ -776,17 +807,20 @@ def _plain(value: Any) -> Any:
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     """The resolved config as plain YAML/JSON types, axes as explicit lists.
 
-    The notebook's four grid keys are always lists; `limits` appears only when changed.
+    The notebook's four grid keys are always lists; `probes` and `limits` appear only when
+    changed.
     """
     out: dict[str, Any] = {}
     for key, _ in _all_fields():
         section, _, name = key.rpartition(".")
-        if section == "limits":
+        if section in ("limits", "probes"):
             continue
         values = cfg.values(key)
         listed = key in _ALWAYS_LISTED or len(values) > 1
         value = _plain(list(values) if listed else values[0])
         (out.setdefault(section, {}) if section else out)[name] = value
+    if cfg.probes != ProbesConfig():  # so a config without probes is saved as it always was
+        out["probes"] = dataclasses.asdict(cfg.probes)
     if cfg.limits != LimitsConfig():
         out["limits"] = dataclasses.asdict(cfg.limits)
     return out
@@ -847,6 +881,8 @@ def run_config_dict(run: Run) -> dict:
         "seed": int(cfg.seed),
         "rng": cfg.rng,
         **{s: _plain_section(s, getattr(cfg, s)) for s in ("data", "model", "train")},
+        # A probed run has more records than an unprobed one: probing on is part of its id.
+        **({"probes": dataclasses.asdict(cfg.probes)} if cfg.probes.every else {}),
     }
 
 
