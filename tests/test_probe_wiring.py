@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from bnexp import model, plots, probes, records, sweep
+from bnexp.cli import main
 from bnexp.config import config_to_yaml, expand_runs, load_config, run_ids
 from bnexp.data import Splits
 from bnexp.errors import ConfigError, OutputError
@@ -250,6 +252,15 @@ def test_probes_off_change_no_run_id_and_no_saved_config():
 def test_bad_probe_settings_are_one_config_error(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["probes.every=5", override])
+
+
+def test_a_bad_probe_setting_on_the_command_line_exits_2_with_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "out"), "probes.every=-1"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: override 'probes.every=-1': probes.every: expected an integer >= 0, got -1"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_shipped_probes_config_is_small_and_probes_everything():
