@@ -158,6 +158,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ProbesConfig:
+    """Probes inside the networks while they train (`bnexp.probes`), off by default.
+
+    Recorded after `every` updates, every `every` updates and at the last iteration (0: off),
+    on the first `batch_size` images of the training subset (the same for every network and
+    probe); `ics` and `landscape` add the per-step measurements of Santurkar et al. (2018).
+    Probes never change a network's numbers, so these keys cannot be sweep axes; they enter a
+    run's id only when probing is on (its records then hold the probe files).
+    """
+
+    every: int = setting(0, "int", ge=0, axis=False)
+    batch_size: int = setting(200, "int", ge=1, axis=False)
+    ics: bool = setting(False, "bool", axis=False)
+    landscape: bool = setting(False, "bool", axis=False)
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """Resource guards checked at load time, before anything is built (raise them to go further).
 
@@ -190,6 +207,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     axes: tuple[Axis, ...] = ()
 
@@ -219,7 +237,13 @@ class Run:
     cfg: ExperimentConfig
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "limits": LimitsConfig}
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "probes": ProbesConfig,
+    "limits": LimitsConfig,
+}
 _TOP_SCALARS = ("name", "seed", "rng")
 _TOP_KEYS = (*_TOP_SCALARS, *_SECTIONS)
 
@@ -609,6 +633,13 @@ def _cross_checks(cfg: ExperimentConfig, check: _Checker) -> None:
             related=("rng",),
         )
     _check_random_layers(cfg, check)
+    if cfg.probes.every and cfg.probes.batch_size > data.num_train:
+        check.fail(
+            "probes.batch_size",
+            f"{cfg.probes.batch_size} probe images is more than the {data.num_train} training "
+            "images (data.num_train); lower it",
+            related=("data.num_train",),
+        )
     population = "population" in cfg.values("train.bn_eval")
     batch_stats = {"batchnorm", "noisy_batchnorm"} & set(normalization_kinds(cfg))
     if population and min(batch_sizes) < 2 and batch_stats:
@@ -864,15 +895,16 @@ def _plain(value: Any) -> Any:
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     """The resolved config as plain YAML/JSON types, axes as explicit lists.
 
-    The notebook's four grid keys are always lists; `limits` appears only when changed, keys
-    added later only when not at their defaults (so saved configs of earlier experiments stay as
-    they were), and model.batchnorm not when model.normalization supersedes it.
+    The notebook's four grid keys are always lists; `probes` and `limits` appear only when
+    changed, keys added later only when not at their defaults (so saved configs of earlier
+    experiments stay as they were), and model.batchnorm not when model.normalization supersedes
+    it.
     """
     out: dict[str, Any] = {}
     superseded = cfg.values("model.normalization") != (None,)
     for key, f in _all_fields():
         section, _, name = key.rpartition(".")
-        if section == "limits" or (key == "model.batchnorm" and superseded):
+        if section in ("limits", "probes") or (key == "model.batchnorm" and superseded):
             continue
         values = cfg.values(key)
         newer = section in ("data", "model", "train") and key not in _ID_KEYS
@@ -881,6 +913,8 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
         listed = key in _ALWAYS_LISTED or len(values) > 1
         value = _plain(list(values) if listed else values[0])
         (out.setdefault(section, {}) if section else out)[name] = value
+    if cfg.probes != ProbesConfig():  # so a config without probes is saved as it always was
+        out["probes"] = dataclasses.asdict(cfg.probes)
     if cfg.limits != LimitsConfig():
         out["limits"] = dataclasses.asdict(cfg.limits)
     return out
@@ -941,6 +975,8 @@ def run_config_dict(run: Run) -> dict:
         "seed": int(cfg.seed),
         "rng": cfg.rng,
         **{s: _plain_section(s, getattr(cfg, s)) for s in ("data", "model", "train")},
+        # A probed run has more records than an unprobed one: probing on is part of its id.
+        **({"probes": dataclasses.asdict(cfg.probes)} if cfg.probes.every else {}),
     }
 
 

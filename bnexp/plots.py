@@ -824,8 +824,9 @@ def plot_results(
     """Draw the figures of a finished or partial result folder into OUT/plots/.
 
     Only runs of OUT/config.yaml are drawn (a --force re-run may leave older runs behind); the
-    caption says when some runs are still missing. Temporary files left in OUT/plots by a
-    plot that was killed are removed first.
+    caption says when some runs are still missing. Runs trained with probes also get the probe
+    figures (`bnexp.probe_plots`) from their layers.jsonl and landscape.jsonl. Temporary files
+    left in OUT/plots by a plot that was killed are removed first.
 
     Parameters
     ----------
@@ -856,4 +857,7 @@ def plot_results(
         fig = build_sweep_figure(summaries, expected, x_key)
         stem = SWEEP_STEMS.get(x_key, "sweep_" + x_key.replace(".", "_"))
         paths += save_figure(fig, folder, stem, formats)
+    from bnexp.probe_plots import save_probe_figures  # it imports this module's helpers
+
+    paths += save_probe_figures(folder, *records.read_probe_records(out, summaries), formats)
     return paths

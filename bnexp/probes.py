@@ -36,6 +36,9 @@ Normalization Help Optimization?"):
   Figure 4: loss landscape, gradient predictiveness, effective beta-smoothness).
 - `minibatch_probes`: `ics` and `landscape` of the same step with their common gradient pass done
   once (what a training loop with both probes on should call).
+
+`ProbeSettings` and `probe_iterations` say which probes a training loop runs and when
+(`bnexp.train` calls them).
 """
 
 from __future__ import annotations
@@ -491,3 +494,32 @@ def _landscape_record(net, loss, grad_norm, etas, losses, diffs) -> dict:
         "loss_max": _num(finite.max()) if finite.size else None,
         "beta_smoothness": _num(beta),
     }
+
+
+# --- when a training loop probes --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Which probes a training loop runs, and when (the config's ``probes`` section).
+
+    every : probe after 0 updates, every `every` updates and at the last iteration (> 0).
+    batch_size : the probe batch of `layer_stats` is the first this-many training images.
+    ics, landscape : also run `ics` / `landscape` on the minibatch of each probed iteration.
+    """
+
+    every: int
+    batch_size: int = 200
+    ics: bool = False
+    landscape: bool = False
+
+
+def probe_iterations(num_iterations: int, every: int) -> list[int]:
+    """Probed iterations of a run of `num_iterations` updates: 0, every, 2*every, ... and the last.
+
+    Iteration p is probed with the parameters after p updates, before update p (0-based), so the
+    last one, ``num_iterations - 1``, is the last iteration that has a minibatch and an update.
+    """
+    if every < 1:
+        raise ValueError(f"probe_iterations: every must be >= 1, got {every}")
+    return sorted({*range(0, num_iterations, every), max(num_iterations - 1, 0)})

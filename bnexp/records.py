@@ -6,6 +6,8 @@ Layout of an output folder OUT::
     OUT/manifest.json        versions, BLAS, git commit, seed, data checksums, times, command line
     OUT/results.csv          one row per finished run
     OUT/runs/<run_id>/       config.yaml, metrics.jsonl (one line per accuracy check), summary.json
+                             with probes on also layers.jsonl (one line per probed iteration and
+                             layer) and landscape.jsonl (one line per probed iteration)
     OUT/plots/               PNG and SVG figures
     OUT/.bnexp.lock          while a process writes into OUT: its pid and host (`output_lock`)
 
@@ -519,8 +521,12 @@ def write_run(
     run_config: dict,
     summary: dict,
     metrics: Sequence[dict],
+    *,
+    probe_layers: Sequence[dict] = (),
+    probe_landscape: Sequence[dict] = (),
 ) -> Path:
-    """Write a finished run: config.yaml, metrics.jsonl, then summary.json (each atomic).
+    """Write a finished run: config.yaml, metrics.jsonl, the probe records, then summary.json
+    (each atomic).
 
     Parameters
     ----------
@@ -528,6 +534,8 @@ def write_run(
     summary : the run's results (fields in the module docstring);
         `run_id` is added when missing. NaN/inf are stored as null.
     metrics : one dict per accuracy check (e.g. epoch, iteration, train_acc, val_acc).
+    probe_layers, probe_landscape : the run's probe records (`bnexp.train.RunResult`), written
+        to layers.jsonl and landscape.jsonl when not empty.
 
     Returns
     -------
@@ -541,10 +549,62 @@ def write_run(
             f"{folder}: cannot create ({exc.strerror or exc}); choose a writable -o folder"
         ) from None
     atomic_write_text(folder / "config.yaml", dump_yaml(to_jsonable(run_config)))
-    lines = "".join(_json_text(m, indent=None) + "\n" for m in metrics)
-    atomic_write_text(folder / "metrics.jsonl", lines)
+    atomic_write_text(folder / "metrics.jsonl", _jsonl_text(metrics))
+    for name, lines in ((LAYERS_FILE, probe_layers), (LANDSCAPE_FILE, probe_landscape)):
+        if lines:
+            atomic_write_text(folder / name, _jsonl_text(lines))
     atomic_write_json(folder / "summary.json", {"run_id": run_id, **summary})
     return folder
+
+
+#: A run's probe records (`bnexp.probes`), present when it was trained with probes on.
+LAYERS_FILE, LANDSCAPE_FILE = "layers.jsonl", "landscape.jsonl"
+#: Summary fields copied into every probe record read back (what the probe figures group by).
+_PROBE_RUN_FIELDS = ("run_id", "batchnorm", "normalization", "weight_scale", "learning_rate")
+
+
+def _jsonl_text(rows: Iterable[dict]) -> str:
+    """One standard JSON object per line."""
+    return "".join(_json_text(row, indent=None) + "\n" for row in rows)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The objects of a .jsonl file ([] when it does not exist); OutputError when corrupt."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OutputError(f"{path}: cannot read ({exc}); retrain the run") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise OutputError(
+                f"{path}:{number}: not a JSON object; delete the run's summary.json and run "
+                "the experiment's command again to retrain it"
+            )
+        rows.append(row)
+    return rows
+
+
+def read_probe_records(out: str | Path, summaries: Sequence[dict]) -> tuple[list, list]:
+    """The probe records of the given runs: (layer records, landscape records).
+
+    Each record carries its run's `_PROBE_RUN_FIELDS` and ``diverged`` (what the probe figures
+    group runs by). Runs trained without probes have none. Raises OutputError for a corrupt file.
+    """
+    layer_records, landscape_records = [], []
+    for s in summaries:
+        run = {key: s[key] for key in _PROBE_RUN_FIELDS if key in s}
+        run["diverged"] = bool(s.get("diverged"))
+        folder = run_dir(out, str(s["run_id"]))
+        layer_records += [{**run, **r} for r in _read_jsonl(folder / LAYERS_FILE)]
+        landscape_records += [{**run, **r} for r in _read_jsonl(folder / LANDSCAPE_FILE)]
+    return layer_records, landscape_records
 
 
 def read_summaries(

@@ -48,6 +48,7 @@ from bnexp.errors import ConfigError, DataError
 from bnexp.executor import execute
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, cs231n_plans, iterations_per_epoch, numpy_plan
+from bnexp.probes import ProbeSettings
 from bnexp.train import Member, RunResult, SolverSettings, train_group
 
 #: Settings that differ between the networks of one lockstep group (each member carries its own);
@@ -108,6 +109,14 @@ def solver_settings(cfg: ExperimentConfig) -> SolverSettings:
         compute_dtype="float64" if cfg.rng == "cs231n" else cfg.model.dtype,
         loss_window=t.loss_window,
     )
+
+
+def probe_settings(cfg: ExperimentConfig) -> ProbeSettings | None:
+    """The probes of a run (`cfg` resolved at its grid point), None when probing is off."""
+    p = cfg.probes
+    if not p.every:
+        return None
+    return ProbeSettings(every=p.every, batch_size=p.batch_size, ics=p.ics, landscape=p.landscape)
 
 
 def _num_iterations(cfg: ExperimentConfig) -> int:
@@ -251,6 +260,7 @@ class _GroupJob:
     spec: NetSpec
     members: tuple[Member, ...]
     settings: SolverSettings
+    probe_settings: ProbeSettings | None = None
 
     @property
     def iterations(self) -> int:
@@ -264,7 +274,9 @@ class _GroupJob:
 
     def run(self, data, on_progress=None) -> list[RunResult]:
         """Train the group in this process; on_progress(iterations done) after each iteration."""
-        return train_group(self.spec, list(self.members), data, self.settings, on_progress)
+        return train_group(
+            self.spec, list(self.members), data, self.settings, on_progress, self.probe_settings
+        )
 
 
 def _member(cfg: ExperimentConfig, plan: RunPlan) -> Member:
@@ -288,7 +300,8 @@ def _group_jobs(runs: Sequence[Run], todo: Sequence[int]) -> list[_GroupJob]:
             continue
         first = runs[indices[0]].cfg
         members = tuple(_member(runs[i].cfg, plans[i]) for i in indices)
-        jobs.append(_GroupJob(tuple(indices), net_spec(first), members, solver_settings(first)))
+        spec, settings = net_spec(first), solver_settings(first)
+        jobs.append(_GroupJob(tuple(indices), spec, members, settings, probe_settings(first)))
     return jobs
 
 
@@ -397,7 +410,15 @@ def _train_and_record(
                     continue  # trained again only to keep its group whole; its record stands
                 summary = run_summary(exp.runs[i], exp.ids[i], result, data)
                 config = run_config_dict(exp.runs[i])
-                records.write_run(exp.out, exp.ids[i], config, summary, run_metrics(summary))
+                records.write_run(
+                    exp.out,
+                    exp.ids[i],
+                    config,
+                    summary,
+                    run_metrics(summary),
+                    probe_layers=result.probe_layers,
+                    probe_landscape=result.probe_landscape,
+                )
                 trained += 1
             records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
         status = "complete"

@@ -67,9 +67,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnexp import layers, model, optim
+from bnexp import layers, model, optim, probes
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, iterations_per_epoch, step_generators
+from bnexp.probes import ProbeSettings
 
 BN_EVAL_MODES = ("running", "population", "batch")
 
@@ -183,6 +184,10 @@ class RunResult:
     best_check : int or None
         Index into the histories of the snapshot used for `test_acc` (None: never beat 0.0, the
         initial parameters were used).
+    probe_layers, probe_landscape : list of dict
+        With probes on: the network's `bnexp.probes` records, each with its ``iteration``;
+        one per (iteration, layer) (`layer_stats`, merged with `ics`), and one per iteration
+        (`landscape`). Empty with probes off.
     """
 
     train_acc_history: list[float]
@@ -197,6 +202,8 @@ class RunResult:
     seconds: float
     check_iterations: list[int] = field(default_factory=list)
     best_check: int | None = None
+    probe_layers: list[dict] = field(default_factory=list)
+    probe_landscape: list[dict] = field(default_factory=list)
 
 
 def check_schedule(num_iterations: int, per_epoch: int) -> list[int]:
@@ -518,11 +525,16 @@ class _Inputs:
         )
 
 
+def _minibatch(inputs: _Inputs, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Iteration t's minibatch: X (N, D) shared or (K, N, D) per network, y (N,) or (K, N)."""
+    rows = inputs.indices[0, t] if inputs.wide else inputs.indices[:, t]  # (N,) or (K, N)
+    return inputs.X_train[rows], inputs.y_train[rows]
+
+
 def _step(group: _Group, inputs: _Inputs, t: int, history: _History) -> None:
     """Iteration t: minibatch loss and gradients, divergence, one update of every network."""
-    rows = inputs.indices[0, t] if inputs.wide else inputs.indices[:, t]  # (N,) or (K, N)
-    xb, yb = inputs.X_train[rows], inputs.y_train[rows]
-    draws = group.draw(rows.shape[-1])
+    xb, yb = _minibatch(inputs, t)
+    draws = group.draw(yb.shape[-1])
     loss, grads = model.loss_and_grads(
         group.spec, group.params, xb, yb, group.bn_params, reg=group.settings.reg, draws=draws
     )
@@ -592,6 +604,7 @@ def train_group(
     data,
     settings: SolverSettings,
     on_progress: Callable[[int], None] | None = None,
+    probe_settings: ProbeSettings | None = None,
 ) -> list[RunResult]:
     """Train K networks of one architecture in lockstep with CS231n Solver semantics.
 
@@ -607,6 +620,9 @@ def train_group(
     settings : SolverSettings
     on_progress : callable, optional
         Called with the number of iterations done after every iteration.
+    probe_settings : ProbeSettings, optional
+        Probes to run at the probe iterations (see `_Probes`); they read the parameters only,
+        so every other number of the results is the same without them.
 
     Returns
     -------
@@ -621,10 +637,15 @@ def train_group(
     inputs = _Inputs.of(data, members, settings.compute_np_dtype)
     group = _Group(spec, members, settings, inputs.wide)
     history = _History.start(group, num_iterations, len(checks))
+    probe = _Probes.of(probe_settings, group, inputs, num_iterations)
     with np.errstate(all="ignore"):  # a diverging network overflows by design; it is contained
         check = 0
         for t in range(num_iterations):
+            if probe is not None:
+                probe.before_step(group, t)
             _step(group, inputs, t, history)
+            if probe is not None:
+                probe.after_step(group, inputs, t)
             if (t + 1) % per_epoch == 0:
                 group.decay_learning_rates(settings.lr_decay)
             if check < len(checks) and checks[check] == t:
@@ -634,7 +655,14 @@ def train_group(
                 on_progress(t + 1)
         test_acc = _test_accuracy(group, data, history)
     seconds = (time.perf_counter() - start) / len(members)
-    return _results(history, test_acc, checks, settings.loss_window, seconds)
+    results = _results(history, test_acc, checks, settings.loss_window, seconds)
+    if probe is not None:
+        for result, layer_records, landscape_records in zip(
+            results, probe.layers, probe.landscape, strict=True
+        ):
+            result.probe_layers = sorted(layer_records.values(), key=_probe_order)
+            result.probe_landscape = landscape_records
+    return results
 
 
 def _check_stats(group: _Group, X_train: np.ndarray):
@@ -648,3 +676,87 @@ def _check_stats(group: _Group, X_train: np.ndarray):
     if mode == "population":
         return _population_stats(group, X_train)
     return None
+
+
+# --- probes at the probe iterations -----------------------------------------------------------
+
+
+def _stacked_copy(group: _Group) -> dict:
+    """A copy of the group's parameters in the stacked layout (`bnexp.probes` reads those)."""
+    params = {key: value.copy() for key, value in group.params.items() if key != "W1"}
+    w1 = group.params["W1"]
+    params["W1"] = model.from_wide(w1, group.K) if group.wide else w1.copy()
+    return params
+
+
+def _probe_order(record: dict) -> tuple[int, int]:
+    return record["iteration"], record["layer"]
+
+
+class _Probes:
+    """The probes of a group at its probe iterations, records kept per network.
+
+    At probe iteration p (`bnexp.probes.probe_iterations`): `layer_stats` of the parameters
+    after p updates on the probe batch (``update_ratio`` of update p-1 -> p), and with `ics` /
+    `landscape` on, those of the minibatch of iteration p from the parameters before and after
+    update p. Copies of the parameters are made only before the updates p-1 and p.
+    """
+
+    def __init__(self, settings: ProbeSettings, group: _Group, inputs: _Inputs, steps: set):
+        self.settings, self.steps = settings, steps
+        self.spec, self.eps = group.spec, group.settings.bn_eps
+        self.X = inputs.X_train[: settings.batch_size]  # the fixed probe batch (n, D)
+        self.y = inputs.y_train[: settings.batch_size]
+        self.prev: dict | None = None  # parameters before the last update, when p is probed
+        self.before: dict | None = None  # parameters before update p
+        self.layers: list[dict] = [{} for _ in range(group.K)]  # (iteration, layer) -> record
+        self.landscape: list[list[dict]] = [[] for _ in range(group.K)]
+
+    @classmethod
+    def of(cls, settings, group, inputs, num_iterations: int) -> _Probes | None:
+        """The probes of a run, or None when off (then the loop does no probe work at all)."""
+        if settings is None or settings.every < 1:
+            return None
+        steps = set(probes.probe_iterations(num_iterations, settings.every))
+        return cls(settings, group, inputs, steps)
+
+    def before_step(self, group: _Group, t: int) -> None:
+        """Before update t: layer statistics when t is probed; copies the probes will need."""
+        self.before = None
+        if t in self.steps:
+            self.before = _stacked_copy(group)
+            stats = probes.layer_stats(self.spec, self.before, self.X, self.y, self.eps, self.prev)
+            self._add_layers(t, stats)
+        if t + 1 in self.steps:
+            self.prev = self.before if self.before is not None else _stacked_copy(group)
+        else:
+            self.prev = None
+
+    def after_step(self, group: _Group, inputs: _Inputs, t: int) -> None:
+        """After update t (before a learning-rate decay): ICS and landscape of step t."""
+        s = self.settings
+        if t not in self.steps or not (s.ics or s.landscape):
+            return
+        xb, yb = _minibatch(inputs, t)
+        ics_records, landscape_records = [], []
+        if s.ics and s.landscape:
+            after = _stacked_copy(group)
+            ics_records, landscape_records = probes.minibatch_probes(
+                self.spec, self.before, after, xb, yb, self.eps, group.lr
+            )
+        elif s.ics:
+            after = _stacked_copy(group)
+            ics_records = probes.ics(self.spec, self.before, after, xb, yb, self.eps)
+        else:
+            landscape_records = probes.landscape(self.spec, self.before, xb, yb, self.eps, group.lr)
+        self._add_layers(t, ics_records)
+        for record in landscape_records:
+            net = record.pop("net")
+            self.landscape[net].append({"iteration": t, **record})
+
+    def _add_layers(self, t: int, records: list[dict]) -> None:
+        """Merge per-(network, layer) records of iteration t into that network's records."""
+        for record in records:
+            net = record.pop("net")
+            merged = self.layers[net].setdefault((t, record["layer"]), {"iteration": t})
+            merged.update(record)
