@@ -859,5 +859,6 @@ def plot_results(
         paths += save_figure(fig, folder, stem, formats)
     from bnexp.probe_plots import save_probe_figures  # it imports this module's helpers
 
-    paths += save_probe_figures(folder, *records.read_probe_records(out, summaries), formats)
+    probed = records.read_probe_records(out, report.with_axes(summaries))  # with normalization
+    paths += save_probe_figures(folder, *probed, formats)
     return paths

@@ -35,13 +35,13 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 from bnexp.errors import OutputError
-from bnexp.plots import fmt_sci, save_figure
+from bnexp.plots import KIND_STYLE, fmt_sci, save_figure
 
 #: The weight scale of the CS231n deep-network experiment; the middle panel of a sweep.
 REFERENCE_SCALE = 2e-2
 #: Colours per normalisation kind (batch norm and baseline as in `bnexp.plots`).
-KIND_COLORS = {"batchnorm": "C0", "none": "C1", "noisy_batchnorm": "C2"}
-KIND_LABELS = {"batchnorm": "batch norm", "none": "baseline", "noisy_batchnorm": "noisy batch norm"}
+KIND_COLORS = {kind: style["color"] for kind, style in KIND_STYLE.items()}
+KIND_LABELS = {kind: style["label"] for kind, style in KIND_STYLE.items()}
 
 
 # --- selecting records ------------------------------------------------------------------------

@@ -80,21 +80,30 @@ def norm_kind(spec: NetSpec) -> str:
 
 
 def _norm_forward(kind: str, a: np.ndarray, params: dict, layer: int, eps: float):
-    """Normalise the affine output a (K, N, H) of hidden `layer` -> (z like a, cache)."""
+    """Normalise the affine output a (K, N, H) of hidden `layer` -> (z like a, cache).
+
+    Batch norm (plain or noisy) uses the batch's statistics and updates no running statistics.
+    Noisy batch norm is probed without its noise, and dropout is not applied: the probes measure
+    the deterministic network the noise and the masks perturb (as evaluation does).
+    """
     if kind == "none":
         return a, None
-    if kind == "batchnorm":
-        bn_param = {"mode": "batch", "eps": eps}  # batch statistics; no running stats to update
-        gamma, beta = params[f"gamma{layer}"], params[f"beta{layer}"]
-        return layers.batchnorm_forward(a, gamma, beta, bn_param)
-    raise ValueError(f"probes: unknown normalization {kind!r}; known: 'none', 'batchnorm'")
+    if kind not in ("batchnorm", "noisy_batchnorm", "layernorm"):
+        raise ValueError(f"probes: unknown normalization {kind!r}")
+    gamma, beta = params[f"gamma{layer}"], params[f"beta{layer}"]
+    if kind == "layernorm":
+        return layers.layernorm_forward(a, gamma, beta, {})  # its eps, as bnexp.model
+    return layers.batchnorm_forward(a, gamma, beta, {"mode": "batch", "eps": eps})
 
 
 def _norm_backward(kind: str, dz: np.ndarray, cache, layer: int):
     """Backward of `_norm_forward` -> (da like dz, dict of the layer's normalisation grads)."""
     if kind == "none":
         return dz, {}
-    da, dgamma, dbeta = layers.batchnorm_backward_alt(dz, cache)
+    if kind == "layernorm":
+        da, dgamma, dbeta = layers.layernorm_backward(dz, cache)
+    else:
+        da, dgamma, dbeta = layers.batchnorm_backward_alt(dz, cache)
     return da, {f"gamma{layer}": dgamma, f"beta{layer}": dbeta}
 
 

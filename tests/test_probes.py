@@ -4,7 +4,6 @@ on hand-built parameters, model.forward's caches), read-only inputs, lockstep = 
 import copy
 import json
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -267,18 +266,34 @@ def test_wide_first_layer_is_rejected_with_a_hint():
         probes.layer_stats(spec, wide, X, y, EPS)
 
 
-@dataclass(frozen=True)
-class _NamedSpec(NetSpec):
-    normalization: str = "layernorm"
-
-
 def test_the_normalization_is_chosen_by_name_in_one_place():
     assert probes.norm_kind(NetSpec(3, (2,), 2, True)) == "batchnorm"
     assert probes.norm_kind(NetSpec(3, (2,), 2, False)) == "none"
-    spec = _NamedSpec(7, (6, 5, 4), 4, False)
-    _, params, X, y = _setup(False)
-    with pytest.raises(ValueError, match="unknown normalization 'layernorm'"):
-        probes.layer_stats(spec, params, X, y, EPS)
+    assert probes.norm_kind(NetSpec(3, (2,), 2, normalization="layernorm")) == "layernorm"
+    with pytest.raises(ValueError, match="unknown normalization 'groupnorm'"):
+        probes._norm_forward("groupnorm", np.zeros((1, 2, 2)), {}, 1, EPS)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "noisy_batchnorm"])
+def test_layer_norm_and_noisy_batch_norm_are_probed_as_the_model_computes_them(kind):
+    """Gradients and ICS of the probes equal the model's own (noisy batch norm without its
+    noise: the model with no draws, as evaluation)."""
+    spec_bn, params, X, y = _setup(True, seed=9)
+    spec = NetSpec(spec_bn.input_dim, spec_bn.hidden_dims, spec_bn.num_classes, normalization=kind)
+    _, grads = _model_loss_and_grads(spec, params, X, y)
+    records = probes.layer_stats(spec, params, X, y, EPS)
+    for r in records:
+        expected = np.linalg.norm(grads[f"W{r['layer']}"][r["net"]])
+        assert r["grad_w_norm"] == pytest.approx(expected, rel=1e-9)
+    new = {key: v - 0.05 * np.sign(grads[key]) for key, v in params.items()}
+    ics = probes.ics(spec, params, new, X, y, EPS)
+    i = spec.num_layers  # the last layer: every layer before it moved
+    mixed = {key: (new if _layer_of(key) < i else params)[key] for key in params}
+    _, grads_mixed = _model_loss_and_grads(spec, mixed, X, y)
+    for k in range(3):
+        g, g2 = grads[f"W{i}"][k].ravel(), grads_mixed[f"W{i}"][k].ravel()
+        r = ics[k * spec.num_layers + i - 1]
+        assert r["ics_l2"] == pytest.approx(np.linalg.norm(g - g2), rel=1e-9)
 
 
 def test_percentiles_equal_numpy_percentile_and_keep_nan():
