@@ -25,7 +25,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from bnexp import model, plan, probes, train
+from bnexp.config import load_config
+from bnexp.data import Splits
 from bnexp.model import NetSpec
+from bnexp.sweep import solver_settings
 
 HIDDEN = (50,) * 7
 SCALES = np.logspace(-4, 0, 20)
@@ -35,7 +38,7 @@ PROBE_SIZE, BATCH, LR, EPS = 200, 50, 1e-3, 1e-5
 PROBE_STEPS = 11  # probes.every: 20 over 200 iterations: 0, 20, ..., 180 and 199
 
 
-def load_data(data_dir: str | None) -> tuple[train.TrainData, str]:
+def load_data(data_dir: str | None) -> tuple[Splits, str]:
     """The experiment's splits (1,000 training images), real when a folder is set."""
     data_dir = data_dir or os.environ.get("BNEXP_DATA_DIR")
     if data_dir:
@@ -44,15 +47,16 @@ def load_data(data_dir: str | None) -> tuple[train.TrainData, str]:
         s = bdata.load_splits(bdata.resolve_data_dir(data_dir))
         n = 1000
         splits = (s.X_train[:n], s.y_train[:n], s.X_val, s.y_val, s.X_test, s.y_test)
-        return train.TrainData(*splits), "CIFAR-10"
+        return Splits(*splits, mean_image=s.mean_image, source=s.source), "CIFAR-10"
     rng = np.random.default_rng(0)
     parts = [(rng.normal(0.0, 60.0, (1000, 3072)), rng.integers(0, 10, 1000)) for _ in range(3)]
-    return train.TrainData(*(a for part in parts for a in part)), "synthetic"
+    arrays = (a for part in parts for a in part)
+    return Splits(*arrays, mean_image=np.zeros(3072), source={}), "synthetic"
 
 
-def train_seconds(batchnorm: bool, data: train.TrainData) -> float:
+def train_seconds(batchnorm: bool, data: Splits) -> float:
     """Wall time of training the group with the default solver settings."""
-    settings = train.SolverSettings()
+    settings = solver_settings(load_config(None))
     spec = NetSpec(3072, HIDDEN, 10, batchnorm)
     iters = settings.num_iterations(data.X_train.shape[0])
     p = plan.numpy_plan(0, spec, iters, settings.batch_size, data.X_train.shape[0])
@@ -100,7 +104,7 @@ def time_group(batchnorm: bool, batches, repeats: int) -> dict:
         "ics": lambda: probes.ics(spec, params, new, X, y, EPS),
         "landscape": lambda: probes.landscape(spec, params, X, y, EPS, lr),
         "both": lambda: probes.minibatch_probes(spec, params, new, X, y, EPS, lr),
-        "step": lambda: model.loss_and_grads(spec, wide, X, y, bn, wide=True),
+        "step": lambda: model.loss_and_grads(spec, wide, X, y, bn),
     }
     return {name: median_ms(fn, repeats) for name, fn in cost.items()}
 

@@ -282,12 +282,21 @@ _svg_option = click.option("--svg", is_flag=True, help="Also write each figure a
     help="Swept number on the sweep figure's x axis, e.g. learning_rate or train.batch_size "
     "[default: the weight scale when it varies, else the setting with most values].",
 )
+@click.option(
+    "--hue",
+    "hue_key",
+    default=None,
+    metavar="KEY",
+    help="Setting that colours the sweep figure's lines, e.g. train.batch_size "
+    "[default: the normalization].",
+)
 @reports_errors
-def plot(out, svg, x_key):
+def plot(out, svg, x_key, hue_key):
     """(Re)draw the figures of a finished or partial result folder OUT (never retrains)."""
     from bnexp.plots import plot_results
 
-    for path in plot_results(out, formats=("png", "svg") if svg else ("png",), x=x_key):
+    formats = ("png", "svg") if svg else ("png",)
+    for path in plot_results(out, formats=formats, x=x_key, hue=hue_key):
         click.echo(f"figure: {path}")
 
 

@@ -192,25 +192,36 @@ class Line:
         return max((len(r) for r in self.runs), default=0)
 
 
-def _label(summary: dict, keys: Sequence[str]) -> str:
-    """'batch norm' or 'baseline', then 'scale 1e-4, lr 1e-3, ...' for the given setting keys."""
-    parts = [KIND_STYLE[summary["normalization"]]["label"]]
-    for key in keys:
-        value = summary.get(key)
-        text = fmt_sci(value) if isinstance(value, float) else report.fmt_value(value)
-        parts.append(f"{report.SHORT_NAMES.get(key, key)} {text}")
+def _label(summary: dict, keys: Sequence[str], hue: str | None = None) -> str:
+    """'batch norm' or 'baseline' (after '<hue> <value>' when colouring by a setting), then
+    'scale 1e-4, lr 1e-3, ...' for the given setting keys."""
+    kind = KIND_STYLE[summary["normalization"]]["label"]
+    parts = [_setting_text(summary, hue), kind] if hue and hue != "normalization" else [kind]
+    parts += [_setting_text(summary, key) for key in keys if key != hue]
     return ", ".join(parts)
 
 
-def _make_lines(summaries: Sequence[dict], x_key: str | None, label_keys: list[str]) -> list[Line]:
+def _setting_text(summary: dict, key: str) -> str:
+    """'lr 1e-3', 'batch_size 5': a setting's short name and value."""
+    value = summary.get(key)
+    text = fmt_sci(value) if isinstance(value, float) else report.fmt_value(value)
+    return f"{report.SHORT_NAMES.get(key, key)} {text}"
+
+
+def _make_lines(
+    summaries: Sequence[dict], x_key: str | None, label_keys: list[str], hue: str | None = None
+) -> list[Line]:
     """Lines of replicate groups: one per setting (without seed and x_key), BN lines first.
 
-    Colour = batch norm or baseline; line style = the other settings (scale, lr, ...).
+    Colour = the normalization (batch norm, baseline, ...), or the value of setting `hue` when
+    given; line style = the other settings (scale, lr, ...).
     """
     without = ("seed", x_key) if x_key else ("seed",)
-    kind_keys = (*without, "batchnorm", "normalization")
+    colour_keys = (hue,) if hue else ("batchnorm", "normalization")
+    kind_keys = (*without, *colour_keys)
     styles = report.group_runs(summaries, kind_keys)
     style_of = {report.setting_of(g[0], kind_keys): i for i, g in enumerate(styles)}
+    hues = sorted({report.hashable(s.get(hue)) for s in summaries}, key=str) if hue else []
     lines = []
     for group in report.group_runs(summaries, without):
         points = report.group_runs(group, ("seed",))
@@ -218,18 +229,21 @@ def _make_lines(summaries: Sequence[dict], x_key: str | None, label_keys: list[s
             points = [p for p in points if p[0].get(x_key) is not None]
             points.sort(key=lambda p: float(p[0][x_key]))
         first = group[0]
-        kind = first["normalization"]
+        if hue:
+            color = f"C{hues.index(report.hashable(first.get(hue))) % 10}"
+        else:
+            color = KIND_STYLE[first["normalization"]]["color"]
         index = style_of[report.setting_of(first, kind_keys)]
         lines.append(
             Line(
-                label=_label(first, label_keys),
-                color=KIND_STYLE[kind]["color"],
+                label=_label(first, label_keys, hue),
+                color=color,
                 linestyle=LINESTYLES[index % len(LINESTYLES)],
                 xs=tuple(float(p[0][x_key]) if x_key else 0.0 for p in points),
                 runs=tuple(tuple(p) for p in points),
             )
         )
-    order = [style["color"] for style in KIND_STYLE.values()]
+    order = [f"C{i}" for i in range(10)]
     lines.sort(key=lambda line: order.index(line.color))  # stable: BN first, then baseline, ...
     return lines
 
@@ -678,6 +692,26 @@ SWEEP_TITLES = {
 SWEEP_STEMS = {"weight_scale": "weight_init_sweep"}
 
 
+def sweep_hue(summaries: Sequence[dict], requested: str | None, x_key: str) -> str | None:
+    """The setting that colours the sweep figure's lines: None (the normalization) unless
+    `requested`, which must be a setting that varies (dotted keys accepted, as for --x).
+
+    Raises OutputError otherwise.
+    """
+    if requested is None:
+        return None
+    summaries = report.with_axes(summaries)
+    varying = [k for k in report.varying_keys(summaries) if k not in ("seed", x_key)]
+    short = requested.rsplit(".", 1)[-1]
+    key = requested if requested in varying or short not in varying else short
+    if key not in varying:
+        choices = ", ".join(varying) or "none: no other setting varies"
+        raise OutputError(
+            f"--hue {requested}: not a varying setting of these runs; choose from {choices}"
+        )
+    return key
+
+
 def sweep_axis(summaries: Sequence[dict], requested: str | None = None) -> str | None:
     """The numeric setting the sweep figure puts on x: `requested` when given, else the weight
     scale when it varies, else the numeric setting with the most distinct values; None when no
@@ -707,7 +741,10 @@ def sweep_axis(summaries: Sequence[dict], requested: str | None = None) -> str |
 
 
 def build_sweep_figure(
-    summaries: Sequence[dict], expected_runs: int | None = None, x_key: str = "weight_scale"
+    summaries: Sequence[dict],
+    expected_runs: int | None = None,
+    x_key: str = "weight_scale",
+    hue: str | None = None,
 ) -> Figure:
     """Best val accuracy, best train accuracy and final training loss vs a swept number
     (`x_key`: the weight scale by default, any numeric setting, see `sweep_axis`).
@@ -721,7 +758,7 @@ def build_sweep_figure(
     summaries = report.with_axes(summaries)
     varying = report.varying_keys(summaries)
     label_keys = [k for k in varying if k not in ("batchnorm", "normalization", "seed", x_key)]
-    lines = _make_lines(summaries, x_key, label_keys)
+    lines = _make_lines(summaries, x_key, label_keys, hue)
     marks = _loss_marks(lines)
     handles = _sweep_handles(lines, marks)
     text = caption(summaries, expected_runs)
@@ -819,7 +856,10 @@ def _plots_folder(out: Path) -> Path:
 
 
 def plot_results(
-    out: str | Path, formats: Sequence[str] = ("png",), x: str | None = None
+    out: str | Path,
+    formats: Sequence[str] = ("png",),
+    x: str | None = None,
+    hue: str | None = None,
 ) -> list[Path]:
     """Draw the figures of a finished or partial result folder into OUT/plots/.
 
@@ -831,6 +871,7 @@ def plot_results(
     Parameters
     ----------
     formats : file types to write, from FORMATS ("png", "svg"); PNG alone by default.
+    hue : the setting that colours the sweep figure's lines (default: the normalization).
     x : the swept numeric setting on the sweep figure's x axis (`sweep_axis` picks one when
         None); the figure is ``weight_init_sweep`` for the weight scale, else
         ``sweep_<key>`` (dots as underscores).
@@ -854,7 +895,7 @@ def plot_results(
     )
     x_key = sweep_axis(summaries, x)
     if x_key is not None:
-        fig = build_sweep_figure(summaries, expected, x_key)
+        fig = build_sweep_figure(summaries, expected, x_key, sweep_hue(summaries, hue, x_key))
         stem = SWEEP_STEMS.get(x_key, "sweep_" + x_key.replace(".", "_"))
         paths += save_figure(fig, folder, stem, formats)
     from bnexp.probe_plots import save_probe_figures  # it imports this module's helpers

@@ -155,6 +155,14 @@ def test_any_swept_number_gets_its_sweep_figure_and_replicates_are_summarised(tm
     assert redraw.exit_code == 0 and (out / "plots" / "sweep_batch_size.png").is_file()
     bad = invoke("plot", out, "--x", "model.reg")
     assert_one_error_line(bad, 4, "--x model.reg", "learning_rate")
+    # --hue: lines coloured by the batch size, one colour per value, BN and baseline by style.
+    fig = plots.build_sweep_figure(records.read_summaries(out), None, "learning_rate", "batch_size")
+    lines = [ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
+    colours = {ln.get_label(): ln.get_color() for ln in lines if "batch_size" in ln.get_label()}
+    assert colours["batch_size 20, batch norm"] == colours["batch_size 20, baseline"]
+    assert colours["batch_size 20, batch norm"] != colours["batch_size 40, batch norm"]
+    assert invoke("plot", out, "--hue", "train.batch_size").exit_code == 0
+    assert_one_error_line(invoke("plot", out, "--hue", "model.reg"), 4, "--hue model.reg")
 
 
 def test_overrides_and_partial_files_get_their_own_folder(tmp_path, fake_data, monkeypatch):
