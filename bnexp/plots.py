@@ -692,24 +692,28 @@ SWEEP_TITLES = {
 SWEEP_STEMS = {"weight_scale": "weight_init_sweep"}
 
 
-def sweep_hue(summaries: Sequence[dict], requested: str | None, x_key: str) -> str | None:
-    """The setting that colours the sweep figure's lines: None (the normalization) unless
-    `requested`, which must be a setting that varies (dotted keys accepted, as for --x).
-
-    Raises OutputError otherwise.
-    """
-    if requested is None:
-        return None
-    summaries = report.with_axes(summaries)
-    varying = [k for k in report.varying_keys(summaries) if k not in ("seed", x_key)]
+def _chosen_key(requested: str, option: str, allowed: Sequence[str], what: str) -> str:
+    """The setting `requested` names among `allowed` (a dotted config key is accepted for
+    summary.json's field of its last name: train.batch_size is batch_size); one OutputError line
+    naming `option` when it is not one of them."""
     short = requested.rsplit(".", 1)[-1]
-    key = requested if requested in varying or short not in varying else short
-    if key not in varying:
-        choices = ", ".join(varying) or "none: no other setting varies"
+    key = requested if requested in allowed or short not in allowed else short
+    if key not in allowed:
+        choices = ", ".join(allowed) or f"none: no {what} varies"
         raise OutputError(
-            f"--hue {requested}: not a varying setting of these runs; choose from {choices}"
+            f"{option} {requested}: not a {what} of these runs; choose from {choices}"
         )
     return key
+
+
+def sweep_hue(summaries: Sequence[dict], requested: str | None, x_key: str) -> str | None:
+    """The setting that colours the sweep figure's lines: None (the normalization) unless
+    `requested`, which must be a setting that varies. Raises OutputError otherwise."""
+    if requested is None:
+        return None
+    varying = report.varying_keys(report.with_axes(summaries))
+    others = [k for k in varying if k not in ("seed", x_key)]
+    return _chosen_key(requested, "--hue", others, "varying setting")
 
 
 def sweep_axis(summaries: Sequence[dict], requested: str | None = None) -> str | None:
@@ -727,14 +731,7 @@ def sweep_axis(summaries: Sequence[dict], requested: str | None = None) -> str |
         if numeric and key != "seed":
             counts[key] = len(values)
     if requested is not None:
-        short = requested.rsplit(".", 1)[-1]  # train.batch_size is summary.json's batch_size
-        requested = requested if requested in counts or short not in counts else short
-        if requested not in counts:
-            choices = ", ".join(counts) or "none: no numeric setting varies"
-            raise OutputError(
-                f"--x {requested}: not a swept numeric setting of these runs; choose from {choices}"
-            )
-        return requested
+        return _chosen_key(requested, "--x", list(counts), "swept numeric setting")
     if "weight_scale" in counts:
         return "weight_scale"
     return max(counts, key=counts.get) if counts else None

@@ -70,12 +70,12 @@ def make_learnable_images(rng: np.random.Generator, n_train: int, n_test: int):
     return x, y, xt, yt
 
 
-def learnable_splits(n_train: int = 100, n_val: int = 60, n_test: int = 40):
+def learnable_splits(n_train: int = 100, n_val: int = 60, n_test: int = 40, seed: int = 0):
     """bnexp.data.Splits of learnable generated features (no images): the class shifts the mean
     of its own block of 300 features. X: (N, 3072) float64, y: (N,) int."""
     from bnexp.data import Splits
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def split(n):
         y = rng.integers(0, 10, n)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakecifar import learnable_splits
 from gradcheck import numerical_gradient
 
 from bnexp import model, plan, sweep, train
 from bnexp.config import config_to_yaml, expand_runs, load_config, run_ids
-from bnexp.data import Splits
 from bnexp.errors import ConfigError
 from bnexp.model import NetSpec
 
@@ -200,18 +200,7 @@ SWEEP = [
 
 @pytest.fixture(scope="module")
 def data():
-    """Learnable generated features: the class shifts the mean of its own block of features."""
-    rng = np.random.default_rng(1)
-
-    def split(n):
-        y = rng.integers(0, 10, n)
-        X = rng.normal(size=(n, 3072))
-        for c in range(10):
-            X[y == c, c * 300 : (c + 1) * 300] += 1.0
-        return X, y
-
-    (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
-    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})
+    return learnable_splits(seed=1)
 
 
 def test_groups_split_by_normalization_only():

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fakecifar import learnable_splits
 
 from bnexp import model, plots, probes, records, sweep
 from bnexp.cli import main
 from bnexp.config import config_to_yaml, expand_runs, load_config, run_ids
-from bnexp.data import Splits
 from bnexp.errors import ConfigError, OutputError
 from bnexp.plan import numpy_plan
 from bnexp.probes import ProbeSettings, probe_iterations
@@ -36,18 +36,7 @@ PROBES_ON = ["probes.every=3", "probes.batch_size=40", "probes.ics=true", "probe
 
 @pytest.fixture(scope="module")
 def data():
-    """Learnable generated features: the class shifts the mean of its own block of features."""
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        y = rng.integers(0, 10, n)
-        X = rng.normal(size=(n, 3072))
-        for c in range(10):
-            X[y == c, c * 300 : (c + 1) * 300] += 1.0
-        return X, y
-
-    (Xtr, ytr), (Xv, yv), (Xt, yt) = split(100), split(60), split(40)
-    return Splits(Xtr, ytr, Xv, yv, Xt, yt, mean_image=np.zeros(3072), source={})
+    return learnable_splits()
 
 
 def run(cfg, out, data, **kw):
