@@ -15,7 +15,7 @@ and iteration), each with the probe's fields, its ``iteration`` and the run's su
   nets).
 - `ics_smoothness_figure`: ``ics_l2``, ``ics_cos`` of a layer, the loss range along the gradient
   and the effective beta-smoothness against iteration, one line per normalisation kind.
-- `save_probe_figures`: the three figures into a folder, as PNG and SVG.
+- `save_probe_figures`: the three figures into a folder, as PNG (and SVG on request).
 
 Each line is one run: with several runs of one normalisation kind and weight scale (seeds,
 learning rates) the first one in the records is drawn.

@@ -8,7 +8,7 @@ Layout of an output folder OUT::
     OUT/runs/<run_id>/       config.yaml, metrics.jsonl (one line per accuracy check), summary.json
                              with probes on also layers.jsonl (one line per probed iteration and
                              layer) and landscape.jsonl (one line per probed iteration)
-    OUT/plots/               PNG and SVG figures
+    OUT/plots/               PNG figures (SVG on request)
     OUT/.bnexp.lock          while a process writes into OUT: its pid and host (`output_lock`)
 
 Every file is written to a temporary file in the same folder and moved into place with
