@@ -815,13 +815,9 @@ def save_figure(fig: Figure, folder: Path, stem: str, formats: Sequence[str] = (
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files a killed plot left in `folder` (only names that
     records.atomic_write gives a figure: .<stem>.<png|svg>.<random>.tmp); returns them."""
-    removed = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if _TEMP_NAME.fullmatch(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
+    return records.remove_temporaries(
+        folder, lambda path: bool(_TEMP_NAME.fullmatch(path.name)) and path.is_file()
+    )
 
 
 def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:

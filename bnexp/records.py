@@ -242,26 +242,30 @@ def _is_stale_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
+def remove_temporaries(folder: Path, match: Callable[[Path], bool] = _is_stale_temporary) -> list:
+    """Remove the files of `folder` that `match` says are left-over temporaries (files that
+    vanish meanwhile are skipped); returns the removed paths. A missing folder has none."""
+    removed = []
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if match(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
 def clean_stale_temporaries(out: str | Path) -> list[Path]:
     """Remove the temporaries a killed process left in OUT, OUT/plots and OUT/runs/*.
 
     Call it only while holding `output_lock(out)`: another live process's temporaries look the
-    same. Returns the removed paths (files that vanish meanwhile are skipped).
+    same. Returns the removed paths.
     """
     out = Path(out)
     folders = [out, out / "plots"]
     if (out / "runs").is_dir():
         folders += sorted(p for p in (out / "runs").iterdir() if p.is_dir())
-    removed = []
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            if _is_stale_temporary(path):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed.append(path)
-    return removed
+    return [path for folder in folders for path in remove_temporaries(folder)]
 
 
 LOCK_NAME = ".bnexp.lock"
