@@ -512,6 +512,8 @@ def run_experiment(
             log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
         if exp.todo:
             trained = _train(exp, data, data_dir, jobs, force, progress, log, scheduler)
+        elif records.refresh_descriptions(exp.out, exp.config_yaml):
+            log(f"note: updated the claim in {exp.out / 'config.yaml'} (nothing to retrain)")
     summaries = records.read_summaries(exp.out, exp.ids)
     plots: list[Path] = []
     drawn = sorted((exp.out / "plots").glob("*.png"))
