@@ -43,7 +43,7 @@ section { border-top: 1px solid #bbb; margin-top: 2.5em; padding-top: .5em; }
 table { border-collapse: collapse; font-size: .82em; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: .15em .4em; }
 th { background: #f0f0f0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .legend, figcaption { font-size: .85em; color: #555; margin-top: .2em; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
@@ -179,7 +179,8 @@ def _claim_html(exp: Experiment) -> str:
 def _cell(text: str, header: bool) -> str:
     if header:
         return f"<th>{_esc(text)}</th>"
-    return f'<td class="num">{_esc(text)}</td>'
+    # A break opportunity after ± lets a wide table (3 normalizations) wrap instead of scroll.
+    return f'<td class="num">{_esc(text).replace("±", "±<wbr>")}</td>'
 
 
 def _table_html(summaries: Sequence[dict]) -> str:
@@ -250,7 +251,8 @@ def _figures_html(exp: Experiment) -> str:
 
 
 def _blas_text(blas: Any) -> str:
-    """'openblas 0.3.27 (SkylakeX, pthreads, 2 threads)' per library, '; '-separated."""
+    """'openblas 0.3.27 (SkylakeX, pthreads, 2 threads in the main process)' per library,
+    '; '-separated (training itself runs one BLAS thread per process, `bnexp.executor`)."""
     if not isinstance(blas, list) or not blas:
         return "not recorded"
     texts = []
@@ -258,7 +260,7 @@ def _blas_text(blas: Any) -> str:
         if isinstance(lib, dict):
             extra = [lib.get("architecture"), lib.get("threading_layer")]
             if lib.get("num_threads") is not None:
-                extra.append(f"{lib['num_threads']} threads")
+                extra.append(f"{lib['num_threads']} threads in the main process")
             details = ", ".join(str(e) for e in extra if e)
             name = f"{lib.get('internal_api', '?')} {lib.get('version', '')}".strip()
             texts.append(f"{name} ({details})" if details else name)
