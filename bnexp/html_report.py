@@ -59,7 +59,8 @@ pre { background: #f6f6f6; padding: .5em; overflow-x: auto; }
 class Experiment:
     """What the report shows of one result folder (read from its records only)."""
 
-    out: Path
+    out: Path  # as given (shown as the folder)
+    title: str  # the folder's own name, also for OUT given as "." or "results/x/"
     anchor: str  # id of its <section>, unique in the report
     claim: str  # "" when its config.yaml records none
     summaries: list[dict]  # the finished runs of OUT/config.yaml (`records.read_results`)
@@ -119,7 +120,9 @@ def _claim(config_text: str) -> str:
     return claim if isinstance(claim, str) else ""
 
 
-def load_experiment(out: str | Path, anchor: str, note: Callable[[str], None] | None = None):
+def load_experiment(
+    out: str | Path, anchor: str, note: Callable[[str], None] | None = None
+) -> Experiment:
     """An `Experiment` of result folder OUT.
 
     Raises OutputError (one line) when OUT is not a result folder: no finished run, a missing
@@ -130,6 +133,7 @@ def load_experiment(out: str | Path, anchor: str, note: Callable[[str], None] | 
     config_text = (out / "config.yaml").read_text(encoding="utf-8")  # read_current_... checked it
     return Experiment(
         out=out,
+        title=out.resolve().name,
         anchor=anchor,
         claim=_claim(config_text),
         summaries=summaries,
@@ -167,6 +171,8 @@ def _incomplete(exp: Experiment) -> str | None:
         parts.append(f"manifest status {status!r}")
         if exp.manifest.get("status_note"):
             parts.append(str(exp.manifest["status_note"]))
+    if (exp.out / records.LOCK_NAME).exists():  # a live process removes it when it stops
+        parts.append(f"a bnexp process may still be writing it ({records.LOCK_NAME} is there)")
     return "; ".join(parts)
 
 
@@ -233,7 +239,7 @@ def _figure_html(path: Path, exp: Experiment) -> str:
     data = base64.b64encode(raw).decode("ascii")
     size = _png_css_size(raw) if path.suffix == ".png" else None
     dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
-    alt = f"{path.stem} of {exp.out.name}"
+    alt = f"{path.stem} of {exp.title}"
     return (
         f'<figure><img src="data:{FIGURE_TYPES[path.suffix]};base64,{data}"{dims} '
         f'alt="{_esc(alt)}">'
@@ -362,7 +368,7 @@ def _section_html(exp: Experiment) -> str:
         else ""
     )
     return (
-        f'<section id="{_esc(exp.anchor)}"><h2>{_esc(exp.out.name)}</h2>{_claim_html(exp)}{note}'
+        f'<section id="{_esc(exp.anchor)}"><h2>{_esc(exp.title)}</h2>{_claim_html(exp)}{note}'
         f"<p>Folder <code>{_esc(exp.out)}</code>.</p>"
         f"<h3>Headline numbers</h3>{_table_html(exp.summaries)}"
         f"<h3>Figures</h3>{_figures_html(exp)}"
@@ -375,9 +381,7 @@ def _toc_html(experiments: Sequence[Experiment]) -> str:
     for exp in experiments:
         claim = f" — {_esc(exp.claim)}" if exp.claim else " — no claim recorded"
         flag = " (incomplete)" if _incomplete(exp) else ""
-        items.append(
-            f'<li><a href="#{_esc(exp.anchor)}">{_esc(exp.out.name)}</a>{claim}{flag}</li>'
-        )
+        items.append(f'<li><a href="#{_esc(exp.anchor)}">{_esc(exp.title)}</a>{claim}{flag}</li>')
     return f"<nav><h2>Contents</h2><ol>{''.join(items)}</ol></nav>"
 
 

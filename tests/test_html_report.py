@@ -254,6 +254,24 @@ def test_an_unfinished_folder_is_reported_with_a_note(tmp_path, folders):
     section = "".join(page.sections[0]["text"])
     assert "Incomplete: 11 of 12 runs finished" in section
     assert "(incomplete)" in "".join(page.text)
+    # A manifest left at 'running' by a process that is still training, or was killed.
+    manifest = out / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete"', '"running"'))
+    (out / ".bnexp.lock").write_text("{}")
+    _, page = report_of(tmp_path, out)
+    section = "".join(page.sections[0]["text"])
+    assert "manifest status 'interrupted'" in section and "may still be writing" in section
+
+
+def test_the_same_records_give_the_same_file_and_dot_is_named_after_its_folder(
+    tmp_path, folders, monkeypatch
+):
+    first, _ = report_of(tmp_path, folders["grid"])
+    again, _ = report_of(tmp_path, folders["grid"])
+    assert first == again  # no generation date: a regenerated report changes with its records
+    monkeypatch.chdir(folders["grid"])
+    _, page = report_of(tmp_path, ".")
+    assert page.sections[0]["id"] == "exp-grid" and "grid" in page.sections[0]["text"]
 
 
 @pytest.mark.parametrize(
