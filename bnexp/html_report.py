@@ -24,6 +24,7 @@ from typing import Any
 from bnexp import __version__, records
 from bnexp.errors import OutputError
 from bnexp.report import summary_rows
+from bnexp.yamlfile import parse_yaml
 
 #: Where `bnexp report` looks for result folders, and writes, when given no OUT.
 RESULTS_DIR = Path("results")
@@ -113,8 +114,6 @@ def _figure_files(out: Path) -> list[Path]:
 
 def _claim(config_text: str) -> str:
     """The claim recorded in a saved config ("" when none: configs saved before claims)."""
-    from bnexp.yamlfile import parse_yaml
-
     raw = parse_yaml(config_text, "config.yaml")
     claim = raw.get("claim") if isinstance(raw, dict) else None
     return claim if isinstance(claim, str) else ""
