@@ -491,8 +491,9 @@ def run_experiment(
     data : already loaded splits with X_train, y_train, X_val, y_val, X_test, y_test (tests);
         skips loading from `data_dir`.
 
-    When every run is already finished, no data is loaded and nothing is written (the figures
-    are drawn only if OUT has none; `bnexp plot` redraws them).
+    When every run is already finished, no data is loaded and nothing is written but a changed
+    claim in OUT/config.yaml (the figures are drawn only if OUT has none; `bnexp plot` redraws
+    them).
 
     Raises
     ------
