@@ -205,11 +205,15 @@ def default_output_dir(cfg, overrides) -> Path:
     """results/<name>, or results/<name>-<8 hex of the resolved config> when KEY=VALUE overrides
     changed it: an overridden experiment never lands in (or is refused by) the folder of the
     experiment it came from, and the same overrides always find their own folder again."""
+    import dataclasses
+
     from bnexp.config import config_to_yaml
 
     if not overrides:
         return Path("results") / cfg.name
-    digest = hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:8]
+    # Without the claim: it describes the results, it does not change them.
+    resolved = config_to_yaml(dataclasses.replace(cfg, claim=""))
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:8]
     return Path("results") / f"{cfg.name}-{digest}"
 
 
@@ -312,3 +316,24 @@ def show(out):
 
     click.echo(summary_table(summaries))
     click.echo(f"\n{len(summaries)} of {expected} runs finished in {out}")
+
+
+@main.command()
+@click.argument("outs", nargs=-1, type=click.Path(), metavar="[OUT]...")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    metavar="FILE",
+    help="The HTML file to write [default: results/report.html without OUT, else report.html].",
+)
+@reports_errors
+def report(outs, output):
+    """Write one self-contained HTML report of result folders OUT (default: every folder under
+    results/): per experiment its claim, figures, headline numbers (mean ± SD over seeds) and
+    provenance. Offline: never trains or redraws; the file needs no network and no script."""
+    from bnexp.html_report import write_report
+
+    path, count = write_report(outs, output, note=lambda line: click.echo(line, err=True))
+    click.echo(f"report: {path} ({count} experiment{'s' if count != 1 else ''})")

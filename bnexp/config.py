@@ -64,6 +64,7 @@ INPUT_DIM = 3 * 32 * 32
 NUM_CLASSES = 10
 _MAX_SEED = 2**32 - 1  # np.random.seed (the cs231n replay) accepts 0 .. 2**32 - 1
 _EXCERPT = 40  # characters of a value quoted in an error line
+_MAX_TEXT = 1_000  # characters of a free-text key (a claim is a sentence or two)
 
 
 def setting(
@@ -79,7 +80,8 @@ def setting(
 ) -> Any:
     """A config field: default, kind and bounds in the field's metadata (read by `_check_value`).
 
-    kind : 'int', 'float', 'bool', 'choice', 'dims' (list of layer widths), 'seed' or 'name'.
+    kind : 'int', 'float', 'bool', 'choice', 'dims' (list of layer widths), 'seed', 'name' or
+        'text' (free text, at most `_MAX_TEXT` characters).
     ge, gt, lt, le : bounds of a number. choices : allowed strings of a 'choice'.
     axis : whether a list or grid of values may be given (a sweep axis).
     """
@@ -202,6 +204,9 @@ class ExperimentConfig:
     """
 
     name: str = setting("experiment", "name", axis=False)
+    # What the experiment sets out to show, in a sentence; the report prints it. It describes
+    # the results without changing them: not part of a run's id nor of OUT's identity.
+    claim: str = setting("", "text", axis=False)
     seed: int = setting(231, "seed")
     rng: str = setting("numpy", "choice", choices=RNG_MODES, axis=False)
     data: DataConfig = field(default_factory=DataConfig)
@@ -244,7 +249,10 @@ _SECTIONS = {
     "probes": ProbesConfig,
     "limits": LimitsConfig,
 }
-_TOP_SCALARS = ("name", "seed", "rng")
+_TOP_SCALARS = ("name", "claim", "seed", "rng")
+#: Top-level keys that describe an experiment without changing its results: left out of every
+#: run's id and of the comparison of an output folder's saved config (`same_experiment`).
+DESCRIPTIVE_KEYS = frozenset({"claim"})
 _TOP_KEYS = (*_TOP_SCALARS, *_SECTIONS)
 
 
@@ -285,9 +293,14 @@ _ALWAYS_LISTED = frozenset(_NOTEBOOK_AXES)
 # Config files shipped with the repo, and the same experiments built in (for an installed wheel).
 _DEFAULT_FILES = {"train": "bn_vs_baseline.yaml", "sweep-init": "weight_init_sweep.yaml"}
 _BUILTIN = {
-    "train": {"name": "bn_vs_baseline", "model": {"batchnorm": [True, False]}},
+    "train": {
+        "name": "bn_vs_baseline",
+        "claim": "Batch norm speeds up the training of a deep network.",
+        "model": {"batchnorm": [True, False]},
+    },
     "sweep-init": {
         "name": "weight_init_sweep",
+        "claim": "Batch norm makes training robust to the scale of the weight initialization.",
         "model": {
             "hidden_dims": [50] * 7,
             "weight_scale": {"logspace": [-4, 0, 20]},
@@ -426,9 +439,22 @@ def _check_value(check: _Checker, v: Any, key: str, f: dataclasses.Field, limits
         if v > _MAX_SEED:
             check.fail(key, f"expected a seed <= {_MAX_SEED}, got {v}")
         return int(v)
+    if kind == "text":
+        return _check_text(check, v, key)
     assert kind == "name", kind
     if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
         check.fail(key, f"expected a folder-safe name (letters, digits, _ . -), got {_show(v)}")
+    return v
+
+
+def _check_text(check: _Checker, v: Any, key: str) -> str:
+    """Free text: a string (an empty key, null, is no text) of at most _MAX_TEXT characters."""
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        check.fail(key, f"expected text, got {_show(v)}; put the text in quotes")
+    if len(v) > _MAX_TEXT:
+        check.fail(key, f"{len(v):,} characters, more than {_MAX_TEXT:,}; shorten it")
     return v
 
 
@@ -854,8 +880,10 @@ def load_config(
 
 
 def _named(raw: dict, path: Path) -> dict:
-    """A file that names no experiment is named after itself (its stem, made folder-safe), so
-    its results do not go to the default experiment's folder."""
+    """A file describes an experiment of its own: one that names none is named after itself (its
+    stem, made folder-safe), so its results do not go to the default experiment's folder, and
+    one that states no claim has none (the default experiment's claim is not about it)."""
+    raw = {"claim": "", **raw}
     if "name" in raw:
         return raw
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip("._-") or "experiment"
@@ -908,6 +936,7 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
             continue
         values = cfg.values(key)
         newer = section in ("data", "model", "train") and key not in _ID_KEYS
+        newer = newer or key in DESCRIPTIVE_KEYS
         if newer and values == (f.default,):
             continue
         listed = key in _ALWAYS_LISTED or len(values) > 1
@@ -923,6 +952,22 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
 def config_to_yaml(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (grids as explicit lists); `load_config` of it gives `cfg`."""
     return dump_yaml(config_to_dict(cfg))
+
+
+def same_experiment(saved_yaml: str, config_yaml: str) -> bool:
+    """Whether a saved config (OUT/config.yaml) and a resolved one (`config_to_yaml`) describe
+    the same results: equal but for `DESCRIPTIVE_KEYS` (a changed claim is the same experiment).
+    A saved config that is not valid YAML is not the same."""
+    if saved_yaml == config_yaml:
+        return True
+    try:
+        saved, new = parse_yaml(saved_yaml, "saved config"), parse_yaml(config_yaml, "config")
+    except ConfigError:
+        return False
+    if not (isinstance(saved, dict) and isinstance(new, dict)):
+        return False
+    keep = [{k: v for k, v in d.items() if k not in DESCRIPTIVE_KEYS} for d in (saved, new)]
+    return keep[0] == keep[1]
 
 
 def _resolve(cfg: ExperimentConfig, point: tuple[tuple[str, Any], ...]) -> ExperimentConfig:

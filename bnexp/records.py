@@ -194,11 +194,32 @@ def check_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> 
             old = config_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise OutputError(f"{config_path}: cannot read ({exc}); use a new -o folder") from None
-        if old != config_yaml and not force:
+        if not force and not _same_experiment(old, config_yaml):
             raise OutputError(
                 f"{out} holds results of a different config; use a new -o folder or --force"
             )
     return out
+
+
+def _same_experiment(saved_yaml: str, config_yaml: str) -> bool:
+    from bnexp.config import same_experiment  # config imports the engine; load it on use
+
+    return same_experiment(saved_yaml, config_yaml)
+
+
+def refresh_descriptions(out: str | Path, config_yaml: str) -> bool:
+    """Rewrite OUT/config.yaml when it differs from `config_yaml` only in what describes the
+    experiment (its claim), so a finished folder takes a new claim without retraining; True
+    when it was rewritten. Call it holding `output_lock(out)`, after `check_output_dir`."""
+    path = Path(out) / "config.yaml"
+    try:
+        saved = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if saved == config_yaml or not _same_experiment(saved, config_yaml):
+        return False
+    atomic_write_text(path, config_yaml)
+    return True
 
 
 def prepare_output_dir(out: str | Path, config_yaml: str, force: bool = False) -> Path:

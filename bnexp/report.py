@@ -215,7 +215,14 @@ def _n_text(sides: list[list[dict]]) -> str:
 
 
 def summary_table(summaries: Sequence[dict]) -> str:
-    """Rows of weight scale (and every other varying setting) with the normalizations side by
+    """The `summary_rows` as aligned text columns under a dashed rule (what `bnexp show` prints)."""
+    return _align(summary_rows(summaries))
+
+
+def summary_rows(summaries: Sequence[dict]) -> list[list[str]]:
+    """The header and the rows of the summary table, as cell strings.
+
+    Rows of weight scale (and every other varying setting) with the normalizations side by
     side (batch norm and baseline, and layer norm or noisy batch norm when present): best val
     accuracy, best train accuracy, final training loss (mean of the last minibatch losses), and
     test accuracy of the best-val parameters.
@@ -244,7 +251,7 @@ def summary_table(summaries: Sequence[dict]) -> str:
                 else:
                     cells.append(_run_cell(runs[0] if runs else None, key, spec))
         lines.append(cells)
-    return _align(lines)
+    return lines
 
 
 def _align(rows: list[list[str]]) -> str:

@@ -491,8 +491,9 @@ def run_experiment(
     data : already loaded splits with X_train, y_train, X_val, y_val, X_test, y_test (tests);
         skips loading from `data_dir`.
 
-    When every run is already finished, no data is loaded and nothing is written (the figures
-    are drawn only if OUT has none; `bnexp plot` redraws them).
+    When every run is already finished, no data is loaded and nothing is written but a changed
+    claim in OUT/config.yaml (the figures are drawn only if OUT has none; `bnexp plot` redraws
+    them).
 
     Raises
     ------
@@ -512,6 +513,8 @@ def run_experiment(
             log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
         if exp.todo:
             trained = _train(exp, data, data_dir, jobs, force, progress, log, scheduler)
+        elif records.refresh_descriptions(exp.out, exp.config_yaml):
+            log(f"note: updated the claim in {exp.out / 'config.yaml'} (nothing to retrain)")
     summaries = records.read_summaries(exp.out, exp.ids)
     plots: list[Path] = []
     drawn = sorted((exp.out / "plots").glob("*.png"))
