@@ -637,7 +637,7 @@ def train_group(
     inputs = _Inputs.of(data, members, settings.compute_np_dtype)
     group = _Group(spec, members, settings, inputs.wide)
     history = _History.start(group, num_iterations, len(checks))
-    probe = _Probes.of(probe_settings, group, inputs, num_iterations)
+    probe = _Probes.of(probe_settings, group, inputs, num_iterations, members)
     with np.errstate(all="ignore"):  # a diverging network overflows by design; it is contained
         check = 0
         for t in range(num_iterations):
@@ -700,11 +700,19 @@ class _Probes:
     after p updates on the probe batch (``update_ratio`` of update p-1 -> p), and with `ics` /
     `landscape` on, those of the minibatch of iteration p from the parameters before and after
     update p. Copies of the parameters are made only before the updates p-1 and p.
+
+    Noisy batch norm: `ics` and `landscape` see the noise as a training step does, drawn from
+    each network's probe stream (`bnexp.probes.probe_generator`), two draws per probed step:
+    the first for the step-t gradient and the landscape, the second for the layers that moved
+    in ICS's G' (the next step's noise). Training's own streams are never touched.
     """
 
-    def __init__(self, settings: ProbeSettings, group: _Group, inputs: _Inputs, steps: set):
+    def __init__(self, settings: ProbeSettings, group: _Group, inputs: _Inputs, steps: set, seeds):
         self.settings, self.steps = settings, steps
         self.spec, self.eps = group.spec, group.settings.bn_eps
+        minibatch = settings.ics or settings.landscape
+        noisy = self.spec.normalization == "noisy_batchnorm" and minibatch
+        self.noise_rngs = [probes.probe_generator(seed) for seed in seeds] if noisy else []
         self.X = inputs.X_train[: settings.batch_size]  # the fixed probe batch (n, D)
         self.y = inputs.y_train[: settings.batch_size]
         self.prev: dict | None = None  # parameters before the last update, when p is probed
@@ -713,12 +721,18 @@ class _Probes:
         self.landscape: list[list[dict]] = [[] for _ in range(group.K)]
 
     @classmethod
-    def of(cls, settings, group, inputs, num_iterations: int) -> _Probes | None:
+    def of(cls, settings, group, inputs, num_iterations: int, members) -> _Probes | None:
         """The probes of a run, or None when off (then the loop does no probe work at all)."""
         if settings is None or settings.every < 1:
             return None
         steps = set(probes.probe_iterations(num_iterations, settings.every))
-        return cls(settings, group, inputs, steps)
+        return cls(settings, group, inputs, steps, [m.plan.seed for m in members])
+
+    def _noise(self, group: _Group):
+        """One draw of noisy batch norm's noise from the probe streams (None for other nets)."""
+        if not self.noise_rngs:
+            return None
+        return probes.probe_noise(self.spec, self.noise_rngs, group.strength, group.dtype)
 
     def before_step(self, group: _Group, t: int) -> None:
         """Before update t: layer statistics when t is probed; copies the probes will need."""
@@ -738,17 +752,30 @@ class _Probes:
         if t not in self.steps or not (s.ics or s.landscape):
             return
         xb, yb = _minibatch(inputs, t)
+        noise, noise_after = self._noise(group), self._noise(group)  # always both: fixed order
         ics_records, landscape_records = [], []
         if s.ics and s.landscape:
             after = _stacked_copy(group)
             ics_records, landscape_records = probes.minibatch_probes(
-                self.spec, self.before, after, xb, yb, self.eps, group.lr
+                self.spec,
+                self.before,
+                after,
+                xb,
+                yb,
+                self.eps,
+                group.lr,
+                noise=noise,
+                noise_after=noise_after,
             )
         elif s.ics:
             after = _stacked_copy(group)
-            ics_records = probes.ics(self.spec, self.before, after, xb, yb, self.eps)
+            ics_records = probes.ics(
+                self.spec, self.before, after, xb, yb, self.eps, noise, noise_after
+            )
         else:
-            landscape_records = probes.landscape(self.spec, self.before, xb, yb, self.eps, group.lr)
+            landscape_records = probes.landscape(
+                self.spec, self.before, xb, yb, self.eps, group.lr, noise=noise
+            )
         self._add_layers(t, ics_records)
         for record in landscape_records:
             net = record.pop("net")
