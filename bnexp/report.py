@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bnexp.records import EVERY_MODE_FIELDS
+
 # Fields of summary.json that are outcomes or bookkeeping, never part of a run's setting.
 RESULT_FIELDS = frozenset(
     {
+        *EVERY_MODE_FIELDS,
         "run_id",
         "index",
         "seed",
@@ -244,7 +247,52 @@ def summary_table(summaries: Sequence[dict]) -> str:
                 else:
                     cells.append(_run_cell(runs[0] if runs else None, key, spec))
         lines.append(cells)
-    return _align(lines)
+    table = _align(lines)
+    modes = every_mode_table(summaries)
+    return table if modes is None else f"{table}\n\n{modes}"
+
+
+#: The evaluation modes of train.bn_eval_all with their short column names, in table order.
+EVERY_MODE_COLUMNS = (
+    ("running", "run"),
+    ("population", "pop"),
+    ("batch", "batch"),
+    ("minibatch", "minibatch"),
+)
+
+
+def every_mode_table(summaries: Sequence[dict]) -> str | None:
+    """With train.bn_eval_all: the final parameters' validation and test accuracy with each kind
+    of batch-norm statistics (running averages, population, whole-set batch, per-minibatch), one
+    row per setting and normalization (mean±SD over seeds with several), under a title line;
+    None when no summary has these fields."""
+    summaries = [s for s in with_axes(summaries) if "val_acc_running" in s]
+    if not summaries:
+        return None
+    several_seeds = len({hashable(s.get("seed")) for s in summaries}) > 1
+    keys = _row_keys(summaries)
+    rows: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        row = (*(hashable(s.get(k)) for k in keys), s["normalization"])
+        rows.setdefault(row, []).append(s)
+    head = [SHORT_NAMES.get(k, k) for k in keys] + ["norm"] + (["n"] if several_seeds else [])
+    head += [f"{split} {short}" for split in ("val", "test") for _, short in EVERY_MODE_COLUMNS]
+    lines = [head]
+    for row, runs in rows.items():
+        cells = [fmt_value(v) for v in row[:-1]] + [KIND_COLUMNS.get(row[-1], row[-1])]
+        cells += [str(len(runs))] if several_seeds else []
+        for split in ("val", "test"):
+            for mode, _ in EVERY_MODE_COLUMNS:
+                key = f"{split}_acc_{mode}"
+                cell = (
+                    _stat_cell(runs, key, ".3f")
+                    if several_seeds
+                    else _run_cell(runs[0], key, ".3f")
+                )
+                cells.append(cell)
+        lines.append(cells)
+    title = "final parameters evaluated with each kind of batch-norm statistics (bn_eval_all):"
+    return title + "\n" + _align(lines)
 
 
 def _align(rows: list[list[str]]) -> str:
