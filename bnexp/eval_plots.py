@@ -27,7 +27,7 @@ MODE_LABELS = {
     "running": "running\naverages",
     "population": "population\n(Algorithm 2)",
     "batch": "whole-set\nbatch stats",
-    "minibatch": "per-minibatch\nbatch stats",
+    "minibatch": "per-minibatch\nbatch stats\n(training batch size)",
 }
 STEM = "bn_eval_modes"
 
@@ -37,12 +37,17 @@ def has_every_mode(summaries: Sequence[dict]) -> bool:
     return any("val_acc_running" in s for s in summaries)
 
 
+def _setting_text(run: dict, keys: Sequence[str]) -> str:
+    """The run's other varying settings, e.g. 'batch_size 5' ('' when none varies)."""
+    return ", ".join(f"{report.SHORT_NAMES.get(k, k)} {report.fmt_value(run.get(k))}" for k in keys)
+
+
 def _label(run: dict, keys: Sequence[str]) -> str:
     """A series' legend label: its normalization, then its other varying settings."""
     kind = run["normalization"]
-    parts = [KIND_STYLE.get(kind, {}).get("label", kind)]
-    parts += [f"{report.SHORT_NAMES.get(k, k)} {report.fmt_value(run.get(k))}" for k in keys]
-    return ", ".join(parts)
+    return ", ".join(
+        t for t in (KIND_STYLE.get(kind, {}).get("label", kind), _setting_text(run, keys)) if t
+    )
 
 
 def _values(runs: Sequence[dict], key: str) -> np.ndarray:
@@ -63,6 +68,11 @@ def bn_eval_figure(summaries: Sequence[dict]) -> Figure:
         if k not in ("batchnorm", "normalization", "model.normalization")
     ]
     groups = report.group_runs(runs)
+    # One colour per other setting (batch size, ...): a normalization and its baseline share it.
+    colors = {
+        text: f"C{i % 10}"
+        for i, text in enumerate(dict.fromkeys(_setting_text(g[0], keys) for g in groups))
+    }
     modes = [m for m, _ in report.EVERY_MODE_COLUMNS]
     x = np.arange(len(modes), dtype=float)
     width = 0.7 / max(len(groups), 1)
@@ -71,7 +81,7 @@ def bn_eval_figure(summaries: Sequence[dict]) -> Figure:
     for ax, split in zip(axes, ("val", "test"), strict=True):
         for i, group in enumerate(groups):
             offset = (i - (len(groups) - 1) / 2) * width
-            color = f"C{i % 10}"
+            color = colors[_setting_text(group[0], keys)]
             baseline = group[0]["normalization"] not in ("batchnorm", "noisy_batchnorm")
             means, sds = [], []
             for j, mode in enumerate(modes):
