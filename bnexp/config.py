@@ -154,6 +154,10 @@ class TrainConfig:
     lr_decay: float = setting(1.0, "float", gt=0)
     sampling: str = setting("replacement", "choice", choices=SAMPLING_MODES)
     bn_eval: str = setting("running", "choice", choices=BN_EVAL_MODES)
+    # Train once, evaluate every mode: the final parameters of every network with running,
+    # population, whole-set batch and minibatch statistics (`bnexp.train.EVERY_MODE_FIELDS`).
+    # It changes no training number, so it is no sweep axis.
+    bn_eval_all: bool = setting(False, "bool", axis=False)
     bn_momentum: float = setting(0.9, "float", ge=0, lt=1)
     bn_eps: float = setting(1e-5, "float", gt=0)
     loss_window: int = setting(100, "int", ge=1)
@@ -667,13 +671,19 @@ def _cross_checks(cfg: ExperimentConfig, check: _Checker) -> None:
             related=("data.num_train",),
         )
     population = "population" in cfg.values("train.bn_eval")
+    every_mode = cfg.train.bn_eval_all  # evaluates with population statistics too
     batch_stats = {"batchnorm", "noisy_batchnorm"} & set(normalization_kinds(cfg))
-    if population and min(batch_sizes) < 2 and batch_stats:
+    if (population or every_mode) and min(batch_sizes) < 2 and batch_stats:
+        key, fix = (
+            ("train.bn_eval", "use bn_eval running")
+            if population
+            else ("train.bn_eval_all", "set train.bn_eval_all=false")
+        )
         check.fail(
-            "train.bn_eval",
+            key,
             "'population' statistics of batch norm need train.batch_size >= 2 (the unbiased "
             f"variance divides by batch_size - 1), got {min(batch_sizes)}; raise the batch size "
-            "or use bn_eval running",
+            f"or {fix}",
             related=("train.batch_size", "model.batchnorm"),
         )
 

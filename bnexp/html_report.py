@@ -23,7 +23,7 @@ from typing import Any
 
 from bnexp import __version__, records
 from bnexp.errors import OutputError
-from bnexp.report import summary_rows
+from bnexp.report import every_mode_rows, summary_rows
 from bnexp.yamlfile import parse_yaml
 
 #: Where `bnexp report` looks for result folders, and writes, when given no OUT.
@@ -188,12 +188,33 @@ def _cell(text: str, header: bool) -> str:
     return f'<td class="num">{_esc(text).replace("±", "±<wbr>")}</td>'
 
 
-def _table_html(summaries: Sequence[dict]) -> str:
-    """The summary table of `bnexp show` as an HTML table, with what its columns mean."""
-    head, *rows = summary_rows(summaries)
-    several = "n" in head
+def _html_rows(head: list[str], rows: list[list[str]]) -> str:
     lines = ["<tr>" + "".join(_cell(c, True) for c in head) + "</tr>"]
     lines += ["<tr>" + "".join(_cell(c, False) for c in row) + "</tr>" for row in rows]
+    return "".join(lines)
+
+
+def _every_mode_html(summaries: Sequence[dict]) -> str:
+    """The bn_eval_all table of `bnexp show` (nothing when the runs were not evaluated so)."""
+    table = every_mode_rows(summaries)
+    if table is None:
+        return ""
+    head, *rows = table
+    caption = (
+        "The final parameters' validation and test accuracy with batch-norm statistics from: "
+        "run = running averages, pop = population (Algorithm 2), batch = the whole evaluated set, "
+        "minibatch = consecutive minibatches of the training batch size."
+    )
+    return (
+        f'<div class="scroll"><table>{_html_rows(head, rows)}</table></div>'
+        f'<p class="legend">{_esc(caption)}</p>'
+    )
+
+
+def _table_html(summaries: Sequence[dict]) -> str:
+    """The summary tables of `bnexp show` as HTML tables, with what their columns mean."""
+    head, *rows = summary_rows(summaries)
+    several = "n" in head
     spread = (
         "Each cell is the mean ± sample SD over the n seeds of its setting (finite values only)."
         if several
@@ -205,8 +226,8 @@ def _table_html(summaries: Sequence[dict]) -> str:
         "BN: batch norm, base: no normalization, LN: layer norm; (div): diverged."
     )
     return (
-        f'<div class="scroll"><table>{"".join(lines)}</table></div>'
-        f'<p class="legend">{_esc(caption)}</p>'
+        f'<div class="scroll"><table>{_html_rows(head, rows)}</table></div>'
+        f'<p class="legend">{_esc(caption)}</p>' + _every_mode_html(summaries)
     )
 
 

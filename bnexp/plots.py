@@ -895,4 +895,7 @@ def plot_results(
 
     probed = records.read_probe_records(out, report.with_axes(summaries))  # with normalization
     paths += save_probe_figures(folder, *probed, formats)
+    from bnexp.eval_plots import save_bn_eval_figure  # it imports this module's helpers
+
+    paths += save_bn_eval_figure(folder, summaries, formats)  # with train.bn_eval_all only
     return paths

@@ -11,14 +11,16 @@ and iteration), each with the probe's fields, its ``iteration`` and the run's su
   smallest, the one closest to the CS231n reference 2e-2 and the largest). An exactly zero norm
   (every unit of a layer dead, or float32 underflow) is a triangle at the bottom edge.
 - `activation_figure`: the 15/50/85 percentile band of a deep layer's pre-activation against
-  iteration, one panel per normalisation kind (Santurkar et al. 2018, Figure 1, here for ReLU
-  nets).
+  iteration, one panel per normalisation kind (Ioffe and Szegedy 2015, Figure 1; Santurkar et
+  al. 2018, Figure 2; here for ReLU nets).
 - `ics_smoothness_figure`: ``ics_l2``, ``ics_cos`` of a layer, the loss range along the gradient
   and the effective beta-smoothness against iteration, one line per normalisation kind.
 - `save_probe_figures`: the three figures into a folder, as PNG (and SVG on request).
 
-Each line is one run: with several runs of one normalisation kind and weight scale (seeds,
-learning rates) the first one in the records is drawn.
+`gradient_flow_figure` draws one run per normalisation kind and weight scale (the first in the
+records). The other two draw the replicates of that run, the runs of its kind, scale and learning
+rate (seeds): each as faint lines, and their mean over the runs at each iteration as the bold
+line or band (with one run, that run).
 
 Built on `matplotlib.figure.Figure` (Agg canvas, no pyplot), like `bnexp.plots`.
 """
@@ -26,6 +28,7 @@ Built on `matplotlib.figure.Figure` (Agg canvas, no pyplot), like `bnexp.plots`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +111,43 @@ def _runs_by_kind(records: Sequence[dict], scale: float | None) -> dict[str, lis
     return dict(out)
 
 
+def _replicates(records: Sequence[dict], scale: float | None) -> dict[str, list[list[dict]]]:
+    """Per normalisation kind, the records of each replicate run: the runs at that scale with the
+    learning rate of the kind's first run (seeds), in first-seen order."""
+    out: dict[str, dict[object, list[dict]]] = defaultdict(dict)
+    rate: dict[str, object] = {}
+    for r in records:
+        if (
+            scale is not None
+            and r.get("weight_scale")
+            and not math.isclose(float(r["weight_scale"]), scale)
+        ):
+            continue
+        kind = norm_kind(r)
+        if rate.setdefault(kind, r.get("learning_rate")) != r.get("learning_rate"):
+            continue
+        out[kind].setdefault(_run_key(r), []).append(r)
+    return {kind: list(runs.values()) for kind, runs in out.items()}
+
+
+def _mean_series(runs: Sequence[Sequence[dict]], field: str, layer: int | None = None):
+    """(iterations, mean over the runs of a field) at every iteration any run recorded; a run
+    missing an iteration or with a null there is left out of that iteration's mean."""
+    series = [dict(zip(*_series(recs, field, layer), strict=True)) for recs in runs]
+    iterations = np.array(sorted({i for s in series for i in s}), dtype=float)
+    values = np.array([[s.get(i, np.nan) for i in iterations] for s in series]).reshape(
+        len(series), -1
+    )
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an iteration with no finite value
+        return iterations, np.nanmean(values, axis=0)
+
+
+def _mean_label(label: str, runs: Sequence) -> str:
+    """A legend label, with the number of runs averaged when there are several."""
+    return label if len(runs) == 1 else f"{label} (mean of {len(runs)} runs)"
+
+
 def _series(records: Sequence[dict], field: str, layer: int | None = None):
     """(iterations, values) of a field over iterations, sorted; NaN where the value is null."""
     rows = sorted(
@@ -181,20 +221,23 @@ def activation_figure(layer_records: Sequence[dict], layer=None, scale=None) -> 
     if layer is None:
         layer = max((r["layer"] for r in recs_with), default=1)
     scale = _closest_scale(recs_with, scale)
-    runs = sorted(_runs_by_kind(recs_with, scale).items())
-    fig = Figure(figsize=(4.6 * max(len(runs), 1), 4.0), layout="constrained")
-    axes = fig.subplots(1, max(len(runs), 1), squeeze=False)[0]
-    for ax, (kind, recs) in zip(axes, runs, strict=False):
-        style = _kind_style(kind)
-        rows = sorted(
-            (r["iteration"], _num(r["act_p15"]), _num(r["act_p50"]), _num(r["act_p85"]))
-            for r in recs
-            if r["layer"] == layer
-        )
-        iterations, p15, p50, p85 = np.array(rows, dtype=float).reshape(-1, 4).T
-        ax.fill_between(iterations, p15, p85, color=style["color"], alpha=0.3, label="15-85%")
-        ax.plot(iterations, p50, color=style["color"], label="median")
-        ax.set(title=style["label"] + _title_suffix(recs), xlabel="iteration")
+    kinds = sorted(_replicates(recs_with, scale).items())
+    fig = Figure(figsize=(4.6 * max(len(kinds), 1), 4.0), layout="constrained")
+    axes = fig.subplots(1, max(len(kinds), 1), squeeze=False)[0]
+    for ax, (kind, runs) in zip(axes, kinds, strict=False):
+        color = _kind_style(kind)["color"]
+        if len(runs) > 1:  # each replicate faint, its band's edges and its median
+            for recs in runs:
+                for field, width in (("act_p15", 0.6), ("act_p50", 0.9), ("act_p85", 0.6)):
+                    ax.plot(*_series(recs, field, layer), color=color, alpha=0.3, lw=width)
+        iterations, p15 = _mean_series(runs, "act_p15", layer)
+        _, p50 = _mean_series(runs, "act_p50", layer)
+        _, p85 = _mean_series(runs, "act_p85", layer)
+        ax.fill_between(iterations, p15, p85, color=color, alpha=0.3, label="15-85%")
+        ax.plot(iterations, p50, color=color, label=_mean_label("median", runs))
+        recs = [r for run in runs for r in run]
+        title = _kind_style(kind)["label"] + _title_suffix(recs)
+        ax.set(title=title if len(runs) == 1 else f"{title}, {len(runs)} runs", xlabel="iteration")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel(f"pre-activation of hidden layer {layer}")
@@ -218,16 +261,18 @@ def ics_smoothness_figure(
     scale = _closest_scale([*ics_recs, *landscape_records], scale)
     fig = Figure(figsize=(10, 7.5), layout="constrained")
     (ax_l2, ax_cos), (ax_loss, ax_beta) = fig.subplots(2, 2, sharex=True)
-    for kind, recs in sorted(_runs_by_kind(ics_recs, scale).items()):
-        style = _kind_style(kind)
-        ax_l2.plot(*_series(recs, "ics_l2", layer), marker=".", **style)
-        ax_cos.plot(*_series(recs, "ics_cos", layer), marker=".", **style)
-    for kind, recs in sorted(_runs_by_kind(landscape_records, scale).items()):
-        style = _kind_style(kind)
-        iterations, low = _series(recs, "loss_min")
-        _, high = _series(recs, "loss_max")
+    for kind, runs in sorted(_replicates(ics_recs, scale).items()):
+        style = dict(_kind_style(kind), label=_mean_label(_kind_style(kind)["label"], runs))
+        for ax, field in ((ax_l2, "ics_l2"), (ax_cos, "ics_cos")):
+            _faint(ax, runs, field, layer, style["color"])
+            ax.plot(*_mean_series(runs, field, layer), marker=".", **style)
+    for kind, runs in sorted(_replicates(landscape_records, scale).items()):
+        style = dict(_kind_style(kind), label=_mean_label(_kind_style(kind)["label"], runs))
+        iterations, low = _mean_series(runs, "loss_min")
+        _, high = _mean_series(runs, "loss_max")
         ax_loss.fill_between(iterations, low, high, color=style["color"], alpha=0.35, **_lab(style))
-        ax_beta.plot(*_series(recs, "beta_smoothness"), marker=".", **style)
+        _faint(ax_beta, runs, "beta_smoothness", None, style["color"])
+        ax_beta.plot(*_mean_series(runs, "beta_smoothness"), marker=".", **style)
     ax_l2.set(title=f"ICS of layer {layer}: ||G - G'||", yscale="log")
     ax_cos.set(title=f"ICS of layer {layer}: cos(G, G')", ylim=(-1.05, 1.05))
     ax_loss.set(title="loss range along the gradient", xlabel="iteration", yscale="log")
@@ -239,6 +284,13 @@ def ics_smoothness_figure(
     scale_text = "" if scale is None else f" (weight scale {fmt_sci(scale)})"
     fig.suptitle(f"Internal covariate shift and loss smoothness over training{scale_text}")
     return fig
+
+
+def _faint(ax, runs: Sequence[Sequence[dict]], field: str, layer, color) -> None:
+    """Each replicate's line of a field, faint and unlabelled (nothing with a single run)."""
+    if len(runs) > 1:
+        for recs in runs:
+            ax.plot(*_series(recs, field, layer), color=color, alpha=0.3, lw=0.8)
 
 
 def _zero_marks(ax, xs: list, marker: str, style: dict) -> None:

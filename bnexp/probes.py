@@ -37,6 +37,11 @@ Normalization Help Optimization?"):
 - `minibatch_probes`: `ics` and `landscape` of the same step with their common gradient pass done
   once (what a training loop with both probes on should call).
 
+Noisy batch norm is probed with its noise in `ics` and `landscape` (they measure a training step)
+and without it in `layer_stats` (a fixed probe batch, like evaluation). The probes' noise comes
+from a stream of their own (`probe_generator`), never from training's, so training draws the same
+numbers with probes on or off.
+
 `ProbeSettings` and `probe_iterations` say which probes a training loop runs and when
 (`bnexp.train` calls them).
 """
@@ -50,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnexp import layers
+from bnexp import layers, model
 from bnexp.model import NetSpec
 
 #: Percentiles of the pre-activation recorded by `layer_stats` (act_p15, act_p50, act_p85).
@@ -79,12 +84,13 @@ def norm_kind(spec: NetSpec) -> str:
     return "batchnorm" if spec.batchnorm else "none"
 
 
-def _norm_forward(kind: str, a: np.ndarray, params: dict, layer: int, eps: float):
+def _norm_forward(kind: str, a: np.ndarray, params: dict, layer: int, eps: float, noise=None):
     """Normalise the affine output a (K, N, H) of hidden `layer` -> (z like a, cache).
 
     Batch norm (plain or noisy) uses the batch's statistics and updates no running statistics.
-    Noisy batch norm is probed without its noise, and dropout is not applied: the probes measure
-    the deterministic network the noise and the masks perturb (as evaluation does).
+    noise: noisy batch norm's (scale, shift) of this layer, each (K, H), as a training step
+    applies them (`bnexp.model.draw_step`), or None: the network without its noise. Dropout is
+    never applied: the probes measure the network the masks perturb (as evaluation does).
     """
     if kind == "none":
         return a, None
@@ -93,7 +99,10 @@ def _norm_forward(kind: str, a: np.ndarray, params: dict, layer: int, eps: float
     gamma, beta = params[f"gamma{layer}"], params[f"beta{layer}"]
     if kind == "layernorm":
         return layers.layernorm_forward(a, gamma, beta, {})  # its eps, as bnexp.model
-    return layers.batchnorm_forward(a, gamma, beta, {"mode": "batch", "eps": eps})
+    bn_param = {"mode": "batch", "eps": eps}
+    if kind == "noisy_batchnorm":
+        return layers.noisy_batchnorm_forward(a, gamma, beta, bn_param, noise)
+    return layers.batchnorm_forward(a, gamma, beta, bn_param)
 
 
 def _norm_backward(kind: str, dz: np.ndarray, cache, layer: int):
@@ -102,6 +111,8 @@ def _norm_backward(kind: str, dz: np.ndarray, cache, layer: int):
         return dz, {}
     if kind == "layernorm":
         da, dgamma, dbeta = layers.layernorm_backward(dz, cache)
+    elif kind == "noisy_batchnorm":  # the noise scale multiplies the gradient (held constant)
+        da, dgamma, dbeta = layers.noisy_batchnorm_backward(dz, cache)
     else:
         da, dgamma, dbeta = layers.batchnorm_backward_alt(dz, cache)
     return da, {f"gamma{layer}": dgamma, f"beta{layer}": dbeta}
@@ -132,11 +143,14 @@ class _Batch:
         return np.maximum((d64 * (self.gram @ d64)).sum(axis=(-2, -1)), 0.0)
 
 
-def _forward(spec: NetSpec, params: dict, inp: np.ndarray, y, eps: float, start: int = 1):
+def _forward(
+    spec: NetSpec, params: dict, inp: np.ndarray, y, eps: float, start: int = 1, noise=None
+):
     """Layers start..L+1 of the stack in training arithmetic (batch statistics).
 
     inp: the first affine output A1 (K, N, H1) when start == 1, else the hidden output
-    h_{start-1} (K, N, H) that feeds affine layer `start`.
+    h_{start-1} (K, N, H) that feeds affine layer `start`. noise: noisy batch norm's
+    (scale, shift) per hidden layer (`bnexp.model.StepDraws.noise`), or None for none.
 
     Returns loss (K,), dscores (K, N, C) and the tape: per layer from `start`, a tuple
     (affine cache or None for the precomputed A1, normalisation cache, pre-activation z or None).
@@ -153,7 +167,8 @@ def _forward(spec: NetSpec, params: dict, inp: np.ndarray, y, eps: float, start:
             tape.append((affine_cache, None, None))
             loss, dscores = layers.softmax_loss(a, y)
             return loss, dscores, tape
-        z, norm_cache = _norm_forward(kind, a, params, layer, eps)
+        layer_noise = None if noise is None else noise[layer - 1]
+        z, norm_cache = _norm_forward(kind, a, params, layer, eps, layer_noise)
         h = np.maximum(z, 0)
         tape.append((affine_cache, norm_cache, z))
     raise AssertionError("unreachable")  # pragma: no cover
@@ -185,16 +200,19 @@ def _backward(spec: NetSpec, dscores: np.ndarray, tape: list, start: int = 1):
     return grads, dz, da1
 
 
-def _gradients(spec: NetSpec, params: dict, batch: _Batch, a1: np.ndarray, y, eps: float):
+def _gradients(
+    spec: NetSpec, params: dict, batch: _Batch, a1: np.ndarray, y, eps: float, noise=None
+):
     """Loss (K,), grads (all but W1), dz per hidden layer, dA1 and the tape at a1 = batch A1."""
-    loss, dscores, tape = _forward(spec, params, a1, y, eps)
+    loss, dscores, tape = _forward(spec, params, a1, y, eps, noise=noise)
     grads, dz, da1 = _backward(spec, dscores, tape)
     return loss, grads, dz, da1, tape
 
 
 @dataclass(frozen=True)
 class _Point:
-    """A stack evaluated on a batch: its parameters, A1 (K, N, H1), losses (K,), gradients."""
+    """A stack evaluated on a batch: its parameters, A1 (K, N, H1), losses (K,), gradients, and
+    the noise of noisy batch norm it was evaluated with (None: none)."""
 
     params: dict
     batch: _Batch
@@ -202,15 +220,16 @@ class _Point:
     loss: np.ndarray
     grads: dict
     da1: np.ndarray
+    noise: list | None = None
 
 
-def _evaluate(spec: NetSpec, params: dict, X, y, eps: float, name: str) -> _Point:
+def _evaluate(spec: NetSpec, params: dict, X, y, eps: float, name: str, noise=None) -> _Point:
     """Check the layout, then the loss and gradients of every network on (X, y)."""
     _check(spec, params, name)
     batch = _Batch(X, params["W1"].dtype)
     a1 = batch.first(params)
-    loss, grads, _, da1, _ = _gradients(spec, params, batch, a1, y, eps)
-    return _Point(params, batch, a1, loss, grads, da1)
+    loss, grads, _, da1, _ = _gradients(spec, params, batch, a1, y, eps, noise)
+    return _Point(params, batch, a1, loss, grads, da1, noise)
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -349,7 +368,14 @@ def _activation_stats(z: np.ndarray) -> dict:
 
 @_quiet
 def ics(
-    spec: NetSpec, params: dict, new_params: dict, X: np.ndarray, y: np.ndarray, bn_eps: float
+    spec: NetSpec,
+    params: dict,
+    new_params: dict,
+    X: np.ndarray,
+    y: np.ndarray,
+    bn_eps: float,
+    noise=None,
+    noise_after=None,
 ) -> list[dict]:
     """Internal covariate shift of every layer, Santurkar et al. (2018), Definition 2.1.
 
@@ -358,12 +384,19 @@ def ics(
     `new_params`). A layer's parameters are its affine W and b and its normalisation's gamma and
     beta. For layer 1 nothing before it moves, so G' = G (ics_l2 0, ics_cos 1).
 
+    Noisy batch norm: a layer's noise belongs to it like its parameters. G is taken with `noise`
+    on every layer; for G' layers 1..i-1 carry `noise_after` (the draw of the step after, since
+    the noise changes at every step as the parameters do) and layers i.. keep `noise`. Both None:
+    the network without its noise; `noise_after` None: the same draw for both.
+
     Parameters
     ----------
     spec : NetSpec
     params, new_params : stacked parameters before and after the step-t update; read only.
     X : (N, D) or (K, N, D) the step-t minibatch; y : (N,) or (K, N) its labels.
     bn_eps : eps of the normalisation.
+    noise, noise_after : noisy batch norm's (scale, shift) per hidden layer, each (K, H_l)
+        (`bnexp.model.StepDraws.noise`), or None.
 
     Returns
     -------
@@ -371,21 +404,26 @@ def ics(
     ||G - G'|| (Frobenius), ``ics_cos`` = <G, G'> / (||G|| ||G'||); None when not finite.
     """
     _check(spec, new_params, "ics")
-    return _ics(spec, _evaluate(spec, params, X, y, bn_eps, "ics"), new_params, y, bn_eps)
+    point = _evaluate(spec, params, X, y, bn_eps, "ics", noise)
+    return _ics(spec, point, new_params, y, bn_eps, noise_after)
 
 
-def _ics(spec: NetSpec, point: _Point, new_params: dict, y, bn_eps: float) -> list[dict]:
-    """`ics` from the evaluation at the step-t parameters."""
+def _ics(
+    spec: NetSpec, point: _Point, new_params: dict, y, bn_eps: float, noise_after=None
+) -> list[dict]:
+    """`ics` from the evaluation at the step-t parameters (and noise)."""
     params, batch, grads, da1 = point.params, point.batch, point.grads, point.da1
+    noise = point.noise
+    after = noise if noise_after is None else noise_after
     k = params["W1"].shape[0]
     # One pass with every layer updated gives each layer's input with the layers before it updated.
-    _, _, new_tape = _forward(spec, new_params, batch.first(new_params), y, bn_eps)
+    _, _, new_tape = _forward(spec, new_params, batch.first(new_params), y, bn_eps, noise=after)
     g1 = np.sqrt(batch.w1_sq_norm(da1))
     l2 = [np.where(np.isfinite(g1), 0.0, np.nan)]
     cos = [np.where(np.isfinite(g1) & (g1 > 0), 1.0, np.nan)]
     for layer in range(2, spec.num_layers + 1):
         h = np.maximum(new_tape[layer - 2][2], 0)  # output of layer - 1 after layers 1..layer-1
-        _, dscores, tape = _forward(spec, params, h, y, bn_eps, start=layer)
+        _, dscores, tape = _forward(spec, params, h, y, bn_eps, start=layer, noise=noise)
         g = grads[f"W{layer}"].astype(np.float64).reshape(k, -1)
         g_new = _backward(spec, dscores, tape, start=layer)[0][f"W{layer}"]
         g_new = g_new.astype(np.float64).reshape(k, -1)
@@ -407,6 +445,7 @@ def landscape(
     bn_eps: float,
     learning_rate,
     factors: Sequence[float] = DEFAULT_FACTORS,
+    noise=None,
 ) -> list[dict]:
     """Loss and gradient along the gradient direction, Santurkar et al. (2018), Section 3.1.
 
@@ -424,6 +463,8 @@ def landscape(
     bn_eps : eps of the normalisation.
     learning_rate : (K,) or scalar, each network's learning rate at step t.
     factors : step sizes as multiples of the learning rate (>= 0).
+    noise : noisy batch norm's (scale, shift) per hidden layer, the same at every step size (the
+        loss the step's noise defines), or None.
 
     Returns
     -------
@@ -431,7 +472,7 @@ def landscape(
     and ``grad_diffs`` (one per factor), ``loss_min``/``loss_max`` over the etas,
     ``beta_smoothness``. Non-finite numbers are None (also in the lists).
     """
-    point = _evaluate(spec, params, X, y, bn_eps, "landscape")
+    point = _evaluate(spec, params, X, y, bn_eps, "landscape", noise)
     return _landscape(spec, point, y, bn_eps, learning_rate, factors)
 
 
@@ -451,7 +492,9 @@ def _landscape(spec: NetSpec, point: _Point, y, bn_eps: float, learning_rate, fa
             for key, g in grads.items()
         }
         moved_a1 = (point.a1 - eta[:, None, None] * a1_dir).astype(dtype)
-        loss_e, grads_e, _, da1_e, _ = _gradients(spec, moved, batch, moved_a1, y, bn_eps)
+        loss_e, grads_e, _, da1_e, _ = _gradients(
+            spec, moved, batch, moved_a1, y, bn_eps, point.noise
+        )
         diff_sq = _sq_dist(grads, grads_e, keys) + batch.w1_sq_norm(da1.astype(np.float64) - da1_e)
         etas.append(eta)
         losses.append(loss_e.astype(np.float64))
@@ -469,6 +512,8 @@ def minibatch_probes(
     bn_eps: float,
     learning_rate,
     factors: Sequence[float] = DEFAULT_FACTORS,
+    noise=None,
+    noise_after=None,
 ) -> tuple[list[dict], list[dict]]:
     """`ics` and `landscape` of one step together: (ics records, landscape records).
 
@@ -476,8 +521,8 @@ def minibatch_probes(
     computed once for both (the arguments are those of `ics` and `landscape`).
     """
     _check(spec, new_params, "minibatch_probes")
-    point = _evaluate(spec, params, X, y, bn_eps, "minibatch_probes")
-    ics_records = _ics(spec, point, new_params, y, bn_eps)
+    point = _evaluate(spec, params, X, y, bn_eps, "minibatch_probes", noise)
+    ics_records = _ics(spec, point, new_params, y, bn_eps, noise_after)
     return ics_records, _landscape(spec, point, y, bn_eps, learning_rate, factors)
 
 
@@ -503,6 +548,32 @@ def _landscape_record(net, loss, grad_norm, etas, losses, diffs) -> dict:
         "loss_max": _num(finite.max()) if finite.size else None,
         "beta_smoothness": _num(beta),
     }
+
+
+# --- the probes' own random numbers ------------------------------------------------------------
+
+#: Spawn key of the probes' stream under a run's seed: ``SeedSequence(seed, spawn_key=(3,))``.
+#: Training uses children 0 (weights), 1 (minibatches) and (2, 0), (2, 1) (dropout, noise; see
+#: `bnexp.plan`), so the probes' draws are independent of training's and take none of its numbers.
+PROBE_SPAWN_KEY = (3,)
+
+
+def probe_generator(seed: int) -> np.random.Generator:
+    """A fresh generator of a run's probe stream (the same numbers for the same seed)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=PROBE_SPAWN_KEY))
+
+
+def probe_noise(spec: NetSpec, rngs: Sequence, strength, dtype) -> list | None:
+    """One draw of noisy batch norm's noise for K networks, as a training step draws it.
+
+    rngs: per network its `probe_generator`; strength: (K,) noise strengths. Returns the
+    (scale, shift) pair per hidden layer, each (K, H_l) (`bnexp.model.StepDraws.noise`), or None
+    when the net has no noisy batch norm (then nothing is drawn).
+    """
+    if spec.normalization != "noisy_batchnorm":
+        return None
+    draws = model.draw_step(spec, 1, dtype, None, strength, [(None, r) for r in rngs])
+    return draws.noise
 
 
 # --- when a training loop probes --------------------------------------------------------------

@@ -71,19 +71,21 @@ AXIS_COLUMNS = {
 
 
 def results_columns(summaries: Sequence[dict]) -> tuple[str, ...]:
-    """RESULTS_COLUMNS, then every other swept key of the summaries' ``axes`` (first seen first)."""
+    """RESULTS_COLUMNS, then every other swept key of the summaries' ``axes`` (first seen first),
+    then the `EVERY_MODE_FIELDS` when a summary has them (train.bn_eval_all)."""
     extra: dict[str, None] = {}
     for s in summaries:
         axes = s.get("axes")
         for key in axes if isinstance(axes, dict) else ():
             if key not in AXIS_COLUMNS:
                 extra[key] = None
-    return RESULTS_COLUMNS + tuple(extra)
+    modes = [key for key in EVERY_MODE_FIELDS if any(key in s for s in summaries)]
+    return RESULTS_COLUMNS + tuple(extra) + tuple(modes)
 
 
 def results_cell(summary: dict, column: str) -> Any:
     """The value of one results.csv column for a summary (a swept key's value from ``axes``)."""
-    if column in RESULTS_COLUMNS:
+    if column in RESULTS_COLUMNS or column in EVERY_MODE_FIELDS:
         return summary.get(column)
     return (summary.get("axes") or {}).get(column)
 
@@ -502,11 +504,28 @@ SUMMARY_FIELDS = {
 }
 
 
+#: Fields a run trained with ``train.bn_eval_all: true`` writes after `SUMMARY_FIELDS` (and only
+#: such a run, so other records stay as they were): the accuracy of its final parameters on the
+#: validation and test sets with batch norm's running averages, the population statistics
+#: (Algorithm 2), the whole set's batch statistics and each minibatch's own statistics
+#: (`bnexp.train.EVERY_MODE`).
+EVERY_MODE_FIELDS = {
+    f"{split}_acc_{mode}": (_opt_num, _NUM, f"{split} accuracy of the final parameters, {what}")
+    for split in ("val", "test")
+    for mode, what in (
+        ("running", "running averages"),
+        ("population", "population statistics"),
+        ("batch", "the whole set's batch statistics"),
+        ("minibatch", "each minibatch's own statistics"),
+    )
+}
+
+
 def summary_problem(summary: Any) -> str | None:
     """What is wrong with a parsed summary.json ('key: expected ..., got ...'), None if nothing."""
     if not isinstance(summary, dict):
         return f"expected a JSON object, got {type(summary).__name__}"
-    for key, (ok, what, _) in SUMMARY_FIELDS.items():
+    for key, (ok, what, _) in {**SUMMARY_FIELDS, **EVERY_MODE_FIELDS}.items():
         if key in summary and not ok(summary[key]):
             shown = json.dumps(summary[key])
             shown = shown if len(shown) <= 40 else shown[:37] + "..."

@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bnexp.records import EVERY_MODE_FIELDS
+
 # Fields of summary.json that are outcomes or bookkeeping, never part of a run's setting.
 RESULT_FIELDS = frozenset(
     {
+        *EVERY_MODE_FIELDS,
         "run_id",
         "index",
         "seed",
@@ -215,8 +218,11 @@ def _n_text(sides: list[list[dict]]) -> str:
 
 
 def summary_table(summaries: Sequence[dict]) -> str:
-    """The `summary_rows` as aligned text columns under a dashed rule (what `bnexp show` prints)."""
-    return _align(summary_rows(summaries))
+    """The `summary_rows` as aligned text columns under a dashed rule (what `bnexp show` prints),
+    then the `every_mode_table` when the runs were evaluated with every kind of statistics."""
+    table = _align(summary_rows(summaries))
+    modes = every_mode_table(summaries)
+    return table if modes is None else f"{table}\n\n{modes}"
 
 
 def summary_rows(summaries: Sequence[dict]) -> list[list[str]]:
@@ -250,6 +256,59 @@ def summary_rows(summaries: Sequence[dict]) -> list[list[str]]:
                     cells.append(_stat_cell(runs, key, spec))
                 else:
                     cells.append(_run_cell(runs[0] if runs else None, key, spec))
+        lines.append(cells)
+    return lines
+
+
+#: The evaluation modes of train.bn_eval_all with their short column names, in table order.
+EVERY_MODE_COLUMNS = (
+    ("running", "run"),
+    ("population", "pop"),
+    ("batch", "batch"),
+    ("minibatch", "minibatch"),
+)
+
+
+EVERY_MODE_TITLE = (
+    "final parameters evaluated with each kind of batch-norm statistics (bn_eval_all):"
+)
+
+
+def every_mode_table(summaries: Sequence[dict]) -> str | None:
+    """`every_mode_rows` as aligned text under its title line; None without bn_eval_all."""
+    rows = every_mode_rows(summaries)
+    return None if rows is None else EVERY_MODE_TITLE + "\n" + _align(rows)
+
+
+def every_mode_rows(summaries: Sequence[dict]) -> list[list[str]] | None:
+    """With train.bn_eval_all: the final parameters' validation and test accuracy with each kind
+    of batch-norm statistics (running averages, population, whole-set batch, per-minibatch), one
+    row per setting and normalization (mean±SD over seeds with several), under a title line;
+    None when no summary has these fields."""
+    summaries = [s for s in with_axes(summaries) if "val_acc_running" in s]
+    if not summaries:
+        return None
+    several_seeds = len({hashable(s.get("seed")) for s in summaries}) > 1
+    keys = _row_keys(summaries)
+    rows: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        row = (*(hashable(s.get(k)) for k in keys), s["normalization"])
+        rows.setdefault(row, []).append(s)
+    head = [SHORT_NAMES.get(k, k) for k in keys] + ["norm"] + (["n"] if several_seeds else [])
+    head += [f"{split} {short}" for split in ("val", "test") for _, short in EVERY_MODE_COLUMNS]
+    lines = [head]
+    for row, runs in rows.items():
+        cells = [fmt_value(v) for v in row[:-1]] + [KIND_COLUMNS.get(row[-1], row[-1])]
+        cells += [str(len(runs))] if several_seeds else []
+        for split in ("val", "test"):
+            for mode, _ in EVERY_MODE_COLUMNS:
+                key = f"{split}_acc_{mode}"
+                cell = (
+                    _stat_cell(runs, key, ".3f")
+                    if several_seeds
+                    else _run_cell(runs[0], key, ".3f")
+                )
+                cells.append(cell)
         lines.append(cells)
     return lines
 

@@ -101,6 +101,7 @@ def solver_settings(cfg: ExperimentConfig) -> SolverSettings:
         learning_rate=t.learning_rate,
         lr_decay=t.lr_decay,
         bn_eval=t.bn_eval,
+        bn_eval_all=t.bn_eval_all,
         bn_momentum=t.bn_momentum,
         bn_eps=t.bn_eps,
         reg=cfg.model.reg,
@@ -232,6 +233,8 @@ def run_summary(run: Run, rid: str, result: RunResult, data) -> dict:
         "diverged_iteration": result.diverged_iteration,
         "status": "diverged" if result.diverged else "ok",
         "seconds": round(float(result.seconds), 4),
+        # With train.bn_eval_all only (`bnexp.records.EVERY_MODE_FIELDS`).
+        **{key: _finite_or_none(value) for key, value in result.every_mode.items()},
     }
 
 

@@ -38,6 +38,15 @@ Batch-norm evaluation (``bn_eval``):
 - ``batch``: each evaluated set (training subset, validation, test) is normalised with its own
   statistics, computed on the whole set at once.
 
+Train once, evaluate every mode (``bn_eval_all``): after the last iteration the *final*
+parameters of every network (the same for every mode, chosen by no mode's validation accuracy)
+are scored on the validation and test sets with each of `EVERY_MODE`: the three above and
+``minibatch``, batch statistics of consecutive minibatches of ``batch_size`` examples of the
+evaluated set (the last one may be smaller), so a prediction depends on the examples it is
+batched with, as the paper warns. The results are `RunResult.every_mode`
+(``val_acc_running``, ..., ``test_acc_minibatch``); the checks, the snapshot and ``test_acc``
+follow ``bn_eval`` as before. Nets without batch statistics score the same in every mode.
+
 Divergence: a network whose minibatch loss is not finite at iteration t is marked diverged at t. Its
 update of that iteration is skipped and it is frozen from then on (learning rate 0; its working copy
 of the parameters, optimiser moments and running statistics is reset to finite values so no inf/NaN
@@ -73,6 +82,8 @@ from bnexp.plan import RunPlan, iterations_per_epoch, step_generators
 from bnexp.probes import ProbeSettings
 
 BN_EVAL_MODES = ("running", "population", "batch")
+#: The modes `bn_eval_all` evaluates: `BN_EVAL_MODES` and batch statistics per minibatch.
+EVERY_MODE = (*BN_EVAL_MODES, "minibatch")
 
 #: Examples scored per matrix product in accuracy checks (rows are independent in test mode, so
 #: the chunk size changes speed and memory only; the reference uses 100).
@@ -109,6 +120,8 @@ class SolverSettings:
         Rounding of the initial weights and dtype of all arithmetic; None means `dtype`.
     loss_window : int
         ``final_train_loss`` averages the last this-many minibatch losses (100, the notebook).
+    bn_eval_all : bool
+        Also score the final parameters with every mode of `EVERY_MODE` (module docstring).
 
     Built from a run's config by `bnexp.sweep.solver_settings` (the config holds the defaults and
     validates the values).
@@ -127,6 +140,7 @@ class SolverSettings:
     loss_window: int
     init_dtype: str | None = None
     compute_dtype: str | None = None
+    bn_eval_all: bool = False
 
     @property
     def init_np_dtype(self) -> np.dtype:
@@ -188,6 +202,10 @@ class RunResult:
         With probes on: the network's `bnexp.probes` records, each with its ``iteration``;
         one per (iteration, layer) (`layer_stats`, merged with `ics`), and one per iteration
         (`landscape`). Empty with probes off.
+    every_mode : dict
+        With ``bn_eval_all``: ``{split}_acc_{mode}`` for split val and test (test None without a
+        test split) and each mode of `EVERY_MODE`, from the final parameters (NaN after a
+        divergence). Empty otherwise.
     """
 
     train_acc_history: list[float]
@@ -204,6 +222,7 @@ class RunResult:
     best_check: int | None = None
     probe_layers: list[dict] = field(default_factory=list)
     probe_landscape: list[dict] = field(default_factory=list)
+    every_mode: dict = field(default_factory=dict)
 
 
 def check_schedule(num_iterations: int, per_epoch: int) -> list[int]:
@@ -573,8 +592,10 @@ def _test_accuracy(group: _Group, data, history: _History) -> list[float | None]
     return [float(a) for a in acc]
 
 
-def _results(history: _History, test_acc, checks: list[int], window: int, seconds: float):
-    """One RunResult per network from the group's history."""
+def _results(
+    history: _History, test_acc, checks: list[int], window: int, seconds: float, every_mode=None
+):
+    """One RunResult per network from the group's history (and `_every_mode_accuracy`'s)."""
     results = []
     for k in range(len(test_acc)):
         train_hist, at = history.train_acc[k], int(history.diverged_at[k])
@@ -593,6 +614,7 @@ def _results(history: _History, test_acc, checks: list[int], window: int, second
                 seconds=seconds,
                 check_iterations=list(checks),
                 best_check=int(history.best_check[k]) if history.best_check[k] >= 0 else None,
+                every_mode=every_mode[k] if every_mode else {},
             )
         )
     return results
@@ -637,7 +659,7 @@ def train_group(
     inputs = _Inputs.of(data, members, settings.compute_np_dtype)
     group = _Group(spec, members, settings, inputs.wide)
     history = _History.start(group, num_iterations, len(checks))
-    probe = _Probes.of(probe_settings, group, inputs, num_iterations)
+    probe = _Probes.of(probe_settings, group, inputs, num_iterations, members)
     with np.errstate(all="ignore"):  # a diverging network overflows by design; it is contained
         check = 0
         for t in range(num_iterations):
@@ -654,8 +676,9 @@ def train_group(
             if on_progress is not None:
                 on_progress(t + 1)
         test_acc = _test_accuracy(group, data, history)
+        every_mode = _every_mode_accuracy(group, inputs, data)
     seconds = (time.perf_counter() - start) / len(members)
-    results = _results(history, test_acc, checks, settings.loss_window, seconds)
+    results = _results(history, test_acc, checks, settings.loss_window, seconds, every_mode)
     if probe is not None:
         for result, layer_records, landscape_records in zip(
             results, probe.layers, probe.landscape, strict=True
@@ -665,12 +688,49 @@ def train_group(
     return results
 
 
-def _check_stats(group: _Group, X_train: np.ndarray):
+def _every_mode_accuracy(group: _Group, inputs: _Inputs, data) -> list[dict] | None:
+    """With ``bn_eval_all``: per network {``val_acc_<mode>``, ``test_acc_<mode>``} of the final
+    parameters for every mode of `EVERY_MODE` (NaN for a diverged network); else None."""
+    if not group.settings.bn_eval_all:
+        return None
+    sets = {"val": (inputs.X_val, inputs.y_val)}
+    if data.X_test is not None:
+        sets["test"] = (np.ascontiguousarray(data.X_test, dtype=group.dtype), data.y_test)
+    stats = {mode: _check_stats(group, inputs.X_train, mode) for mode in BN_EVAL_MODES}
+    out: list[dict] = [{} for _ in range(group.K)]
+    for split, (X, y) in sets.items():
+        for mode in EVERY_MODE:
+            if mode == "minibatch":
+                acc = _minibatch_accuracy(group, X, np.asarray(y), group.settings.batch_size)
+            else:
+                acc = _accuracy(group, group.params, X, np.asarray(y), stats[mode])
+            acc = np.where(group.alive, acc, np.nan)
+            for k in range(group.K):
+                out[k][f"{split}_acc_{mode}"] = float(acc[k])
+    for k in range(group.K):  # without a test split: the fields are there, null
+        out[k].update({f"test_acc_{mode}": None for mode in EVERY_MODE if "test" not in sets})
+    return out
+
+
+def _minibatch_accuracy(group: _Group, X: np.ndarray, y: np.ndarray, m: int) -> np.ndarray:
+    """Accuracy (K,) with batch norm normalising each consecutive chunk of m examples of X by the
+    chunk's own statistics (the last chunk may be smaller); no running statistics touched."""
+    spec = group.spec
+    scratch = [dict(mode="batch", eps=group.settings.bn_eps) for _ in spec.hidden_dims]
+    correct = np.zeros(group.K, dtype=np.int64)
+    for i in range(0, X.shape[0], m):
+        chunk = X[i : i + m]
+        scores, _ = model.forward(spec, group.params, chunk, scratch, "batch", keep_caches=False)
+        correct += (scores.argmax(axis=-1) == y[i : i + m]).sum(axis=-1)
+    return correct / X.shape[0]
+
+
+def _check_stats(group: _Group, X_train: np.ndarray, mode: str | None = None):
     """BN statistics for a check: running averages, Algorithm 2 population stats, or None
-    (batch)."""
+    (batch); `mode` one of `BN_EVAL_MODES`, default the settings' ``bn_eval``."""
     if not group.spec.batchnorm:
         return []
-    mode = group.settings.bn_eval
+    mode = mode or group.settings.bn_eval
     if mode == "running":
         return [(p["running_mean"], p["running_var"]) for p in group.bn_params]
     if mode == "population":
@@ -700,11 +760,19 @@ class _Probes:
     after p updates on the probe batch (``update_ratio`` of update p-1 -> p), and with `ics` /
     `landscape` on, those of the minibatch of iteration p from the parameters before and after
     update p. Copies of the parameters are made only before the updates p-1 and p.
+
+    Noisy batch norm: `ics` and `landscape` see the noise as a training step does, drawn from
+    each network's probe stream (`bnexp.probes.probe_generator`), two draws per probed step:
+    the first for the step-t gradient and the landscape, the second for the layers that moved
+    in ICS's G' (the next step's noise). Training's own streams are never touched.
     """
 
-    def __init__(self, settings: ProbeSettings, group: _Group, inputs: _Inputs, steps: set):
+    def __init__(self, settings: ProbeSettings, group: _Group, inputs: _Inputs, steps: set, seeds):
         self.settings, self.steps = settings, steps
         self.spec, self.eps = group.spec, group.settings.bn_eps
+        minibatch = settings.ics or settings.landscape
+        noisy = self.spec.normalization == "noisy_batchnorm" and minibatch
+        self.noise_rngs = [probes.probe_generator(seed) for seed in seeds] if noisy else []
         self.X = inputs.X_train[: settings.batch_size]  # the fixed probe batch (n, D)
         self.y = inputs.y_train[: settings.batch_size]
         self.prev: dict | None = None  # parameters before the last update, when p is probed
@@ -713,12 +781,18 @@ class _Probes:
         self.landscape: list[list[dict]] = [[] for _ in range(group.K)]
 
     @classmethod
-    def of(cls, settings, group, inputs, num_iterations: int) -> _Probes | None:
+    def of(cls, settings, group, inputs, num_iterations: int, members) -> _Probes | None:
         """The probes of a run, or None when off (then the loop does no probe work at all)."""
         if settings is None or settings.every < 1:
             return None
         steps = set(probes.probe_iterations(num_iterations, settings.every))
-        return cls(settings, group, inputs, steps)
+        return cls(settings, group, inputs, steps, [m.plan.seed for m in members])
+
+    def _noise(self, group: _Group):
+        """One draw of noisy batch norm's noise from the probe streams (None for other nets)."""
+        if not self.noise_rngs:
+            return None
+        return probes.probe_noise(self.spec, self.noise_rngs, group.strength, group.dtype)
 
     def before_step(self, group: _Group, t: int) -> None:
         """Before update t: layer statistics when t is probed; copies the probes will need."""
@@ -738,17 +812,30 @@ class _Probes:
         if t not in self.steps or not (s.ics or s.landscape):
             return
         xb, yb = _minibatch(inputs, t)
+        noise, noise_after = self._noise(group), self._noise(group)  # always both: fixed order
         ics_records, landscape_records = [], []
         if s.ics and s.landscape:
             after = _stacked_copy(group)
             ics_records, landscape_records = probes.minibatch_probes(
-                self.spec, self.before, after, xb, yb, self.eps, group.lr
+                self.spec,
+                self.before,
+                after,
+                xb,
+                yb,
+                self.eps,
+                group.lr,
+                noise=noise,
+                noise_after=noise_after,
             )
         elif s.ics:
             after = _stacked_copy(group)
-            ics_records = probes.ics(self.spec, self.before, after, xb, yb, self.eps)
+            ics_records = probes.ics(
+                self.spec, self.before, after, xb, yb, self.eps, noise, noise_after
+            )
         else:
-            landscape_records = probes.landscape(self.spec, self.before, xb, yb, self.eps, group.lr)
+            landscape_records = probes.landscape(
+                self.spec, self.before, xb, yb, self.eps, group.lr, noise=noise
+            )
         self._add_layers(t, ics_records)
         for record in landscape_records:
             net = record.pop("net")

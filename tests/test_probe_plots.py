@@ -207,3 +207,36 @@ def test_zero_gradient_norms_are_marked_at_the_bottom_edge(stored):
     marks = [line for line in ax.get_lines() if line.get_marker() == "v"]
     assert len(marks) == 1
     np.testing.assert_array_equal(marks[0].get_xdata(), [2, 3])
+
+
+def _with_a_replicate(records, run_id, shift):
+    """The records plus a copy of run `run_id`'s as another seed, every number plus `shift`."""
+    fields = ("act_p15", "act_p50", "act_p85", "ics_l2", "beta_smoothness", "loss_min", "loss_max")
+    copy = [
+        {**r, "run_id": run_id + "-seed2", **{k: r[k] + shift for k in fields if r.get(k)}}
+        for r in records
+        if r["run_id"] == run_id
+    ]
+    return [*records, *copy]
+
+
+def test_replicates_are_faint_lines_and_their_mean(stored):
+    _, layer_recs, land_recs = stored
+    layer2 = _with_a_replicate(layer_recs, "bn1", 1.0)
+    land2 = _with_a_replicate(land_recs, "bn1", 1.0)
+    fig = probe_plots.activation_figure(layer2)
+    ax = fig.axes[0]
+    assert ax.get_title() == "batch norm, 2 runs"
+    median = _line(ax, "median (mean of 2 runs)")
+    want = sorted(
+        (r["iteration"], r["act_p50"] + 0.5)
+        for r in layer_recs
+        if r["run_id"] == "bn1" and r["layer"] == 3 and "act_p50" in r
+    )
+    np.testing.assert_allclose(median.get_ydata(), [v for _, v in want])
+    assert len([line for line in ax.get_lines() if line.get_alpha() == 0.3]) == 2 * 3
+    assert _line(fig.axes[1], "median").get_alpha() is None  # one baseline run: as before
+    fig = probe_plots.ics_smoothness_figure(layer2, land2)
+    beta = _line(fig.axes[3], "batch norm (mean of 2 runs)")
+    want = sorted((r["iteration"], r["beta_smoothness"]) for r in land_recs if r["run_id"] == "bn1")
+    np.testing.assert_allclose(beta.get_ydata(), [v + 0.5 for _, v in want])
