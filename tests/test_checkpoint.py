@@ -1,0 +1,227 @@
+"""Checkpoints: a group stopped after an epoch's checkpoint and resumed from it gives the same bits
+as the group trained without a stop; checkpoints of another config, data or a damaged file are
+not used; the sweep resumes from them and removes them; a killed `bnexp train` resumes from its
+checkpoint to the numbers of an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from bnexp import checkpoint as ckpt
+from bnexp import plan, train
+from bnexp.config import load_config
+from bnexp.data import Splits
+from bnexp.model import NetSpec
+from bnexp.probes import ProbeSettings
+from bnexp.sweep import solver_settings
+
+D, C, NUM_TRAIN, BATCH = 40, 4, 60, 12  # 5 iterations per epoch
+SCALES = [1e-2, 5e-2, 0.1, 0.3]
+LRS = [1e-3, 3e-3, 5e-4, 1e-2]
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Learnable synthetic data (a random linear teacher), so accuracies and snapshots move."""
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((D, C))
+    X = rng.standard_normal((NUM_TRAIN + 100, D))
+    y = (X @ teacher + 0.5 * rng.standard_normal((len(X), C))).argmax(axis=1)
+    parts = X[:60], y[:60], X[60:110], y[60:110], X[110:], y[110:]
+    return Splits(*parts, mean_image=np.zeros(D), source={})
+
+
+def _settings(dtype="float32", **kw):
+    cfg = load_config(None, [f"model.dtype={dtype}", "train.epochs=4", f"train.batch_size={BATCH}"])
+    return dataclasses.replace(solver_settings(cfg), **kw)
+
+
+def _members(spec, settings, shared=True, lrs=LRS, **kw):
+    iters = settings.num_iterations(NUM_TRAIN)
+    plans = [
+        plan.numpy_plan(0 if shared else 10 + k, spec, iters, BATCH, NUM_TRAIN)
+        for k in range(len(SCALES))
+    ]
+    return [train.Member(s, lr, p, **kw) for s, lr, p in zip(SCALES, lrs, plans, strict=True)]
+
+
+class _Stop(Exception):
+    """Raised by on_progress: the group is 'killed' right after an iteration."""
+
+
+def _stop_after(iterations: int):
+    def on_progress(done: int) -> None:
+        if done == iterations:
+            raise _Stop
+
+    return on_progress
+
+
+def _fingerprint(result: train.RunResult) -> str:
+    """Every field of a RunResult but `seconds`, bit-exact (floats as their hex or repr)."""
+    fields = dataclasses.asdict(result)
+    fields.pop("seconds")
+    fields["loss_history"] = np.asarray(result.loss_history).tobytes().hex()
+    for key in ("train_acc_history", "val_acc_history"):
+        fields[key] = np.asarray(fields[key], dtype=np.float64).tobytes().hex()
+    return json.dumps(fields, default=repr)
+
+
+def _interrupted_then_resumed(tmp_path, spec, members, data, settings, stop, probes=None):
+    """Train with a checkpoint at every epoch end, stop after `stop` iterations, resume.
+    Returns (results, first iteration count reported by the resumed run)."""
+    point = ckpt.Checkpoint(tmp_path / "checkpoints" / "g.npz", key="k", seconds=0.0)
+    with pytest.raises(_Stop):
+        train.train_group(spec, members, data, settings, _stop_after(stop), probes, point)
+    assert point.path.exists()
+    reported: list[int] = []
+    results = train.train_group(spec, members, data, settings, reported.append, probes, point)
+    return results, reported[0]
+
+
+CASES = {
+    "plain": (NetSpec(D, (16, 12), C), {}, {"lr_decay": 0.9}, None),
+    "batchnorm-shuffled": (NetSpec(D, (16, 12), C, True), {"shared": False}, {}, None),
+    "noisy-bn-dropout": (
+        NetSpec(D, (16, 12), C, normalization="noisy_batchnorm"),
+        {"dropout_keep": 0.8, "bn_noise": 0.3},
+        {},
+        None,
+    ),
+    "dropout-float64-momentum": (
+        NetSpec(D, (16, 12), C, True),
+        {"dropout_keep": 0.7},
+        {"dtype": "float64", "update_rule": "sgd_momentum", "lr_decay": 0.8},
+        None,
+    ),
+    "population": (NetSpec(D, (16, 12), C, True), {}, {"bn_eval": "population"}, None),
+    "probes": (
+        NetSpec(D, (16, 12), C, True),
+        {},
+        {},
+        ProbeSettings(every=5, batch_size=20, ics=True, landscape=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("stop", [5, 10])
+def test_resumed_group_gives_the_uninterrupted_bits(tmp_path, data, case, stop):
+    spec, member_kw, settings_kw, probes = CASES[case]
+    settings = _settings(**settings_kw)
+    members = _members(spec, settings, **member_kw)
+    whole = train.train_group(spec, members, data, settings, None, probes)
+    resumed, first = _interrupted_then_resumed(
+        tmp_path, spec, members, data, settings, stop, probes
+    )
+    assert first == stop + 1, "the resumed run did not start from its checkpoint"
+    assert [_fingerprint(r) for r in resumed] == [_fingerprint(r) for r in whole]
+    # The histories move (so identical histories say something).
+    assert len({a for r in whole for a in r.val_acc_history}) > 3
+    if probes is not None:
+        assert whole[0].probe_layers and whole[0].probe_landscape
+
+
+def test_resumed_group_with_a_diverged_network_gives_the_uninterrupted_bits(tmp_path, data):
+    """One network diverges before the checkpoint (its frozen state is restored), two after."""
+    spec = NetSpec(D, (16, 12), C)
+    settings = _settings(update_rule="sgd")
+    shared = _members(spec, settings)[0].plan
+    members = [train.Member(1.0, lr, shared) for lr in (1e-2, 1e30, 30.0, 50.0)]
+    whole = train.train_group(spec, members, data, settings)
+    at = [r.diverged_iteration for r in whole]
+    assert at[0] is None and at[1] < 5 and at[2] >= 5 and at[3] >= 5, at
+    resumed, _ = _interrupted_then_resumed(tmp_path, spec, members, data, settings, 5)
+    assert [_fingerprint(r) for r in resumed] == [_fingerprint(r) for r in whole]
+
+
+def test_no_checkpoint_written_before_its_period(tmp_path, data):
+    spec = NetSpec(D, (16,), C)
+    settings = _settings()
+    point = ckpt.Checkpoint(tmp_path / "g.npz", key="k", seconds=3600.0)
+    with pytest.raises(_Stop):
+        train.train_group(
+            spec, _members(spec, settings), data, settings, _stop_after(15), None, point
+        )
+    assert not point.path.exists()
+
+
+def _saved(tmp_path, data, key="k"):
+    """A group, its settings, and a checkpoint of it after its first epoch."""
+    spec = NetSpec(D, (16, 12), C, True)
+    settings = _settings()
+    members = _members(spec, settings)
+    point = ckpt.Checkpoint(tmp_path / "g.npz", key=key, seconds=0.0)
+    with pytest.raises(_Stop):
+        train.train_group(spec, members, data, settings, _stop_after(5), None, point)
+    return spec, members, settings, point
+
+
+def _fresh_run(spec, members, data, settings, point):
+    reported: list[int] = []
+    results = train.train_group(spec, members, data, settings, reported.append, None, point)
+    return results, reported[0]
+
+
+def test_checkpoint_of_another_key_is_removed_unused(tmp_path, data, capsys):
+    spec, members, settings, point = _saved(tmp_path, data, key="other config")
+    mine = dataclasses.replace(point, key="this config")
+    results, first = _fresh_run(spec, members, data, settings, mine)
+    assert first == 1, "a checkpoint of another config was used"
+    whole = train.train_group(spec, members, data, settings)
+    assert [_fingerprint(r) for r in results] == [_fingerprint(r) for r in whole]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another config or data" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "wrong-shape"])
+def test_damaged_checkpoint_gives_one_note_and_training_from_zero(tmp_path, data, capsys, damage):
+    spec, members, settings, point = _saved(tmp_path, data)
+    raw = point.path.read_bytes()
+    if damage == "truncated":
+        point.path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        point.path.write_bytes(raw[:100] + bytes(200) + raw[300:])
+    elif damage == "empty":
+        point.path.write_bytes(b"")
+    else:  # a well-formed file whose arrays do not fit the group (here: one network fewer)
+        with np.load(point.path) as npz:
+            arrays = {name: npz[name] for name in npz.files if name != "meta"}
+            meta = json.loads(npz["meta"].tobytes())
+        arrays["group.lr"] = arrays["group.lr"][:-1]
+        point.save(arrays, meta)
+    results, first = _fresh_run(spec, members, data, settings, point)
+    assert first == 1
+    whole = train.train_group(spec, members, data, settings)
+    assert [_fingerprint(r) for r in results] == [_fingerprint(r) for r in whole]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not used" in err and "Traceback" not in err, err
+    # Replaced by the retraining's own checkpoints, the last one at the last epoch end but one.
+    assert point.load()[1]["iteration"] == 15
+
+
+def test_checkpoint_file_is_safe_npz_and_json(tmp_path, data):
+    """Readable without pickle; the generator states are JSON; no temporary is left."""
+    *_, point = _saved(tmp_path, data)
+    with np.load(point.path, allow_pickle=False) as npz:
+        assert all(npz[name].dtype != object for name in npz.files)
+        meta = json.loads(npz["meta"].tobytes())
+    assert meta["iteration"] == 5 and meta["check"] == 2 and meta["key"] == "k"
+    assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]
+
+
+def test_period_from_environment(monkeypatch):
+    monkeypatch.delenv(ckpt.SECONDS_VARIABLE, raising=False)
+    assert ckpt.period_from_environment() == ckpt.DEFAULT_SECONDS
+    monkeypatch.setenv(ckpt.SECONDS_VARIABLE, "0")
+    assert ckpt.period_from_environment() == 0.0
+    monkeypatch.setenv(ckpt.SECONDS_VARIABLE, "off")
+    assert ckpt.period_from_environment() is None
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv(ckpt.SECONDS_VARIABLE, bad)
+        with pytest.raises(ValueError, match=ckpt.SECONDS_VARIABLE):
+            ckpt.period_from_environment()
