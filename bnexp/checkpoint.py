@@ -152,11 +152,12 @@ class Checkpoint:
     def discard(self, why: str) -> None:
         """Remove the file, with one note on stderr saying why (the group trains from 0)."""
         self.remove()
-        print(
-            f"note: checkpoint {self.path} not used ({why}); removed, its group trains from the "
-            "start",
-            file=sys.stderr,
-        )
+        self.note(f"checkpoint {self.path} not used ({why}); removed, its group trains from 0")
+
+    @staticmethod
+    def note(message: str) -> None:
+        """One line on stderr (from a worker process too: its stderr is the command's)."""
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
     def remove(self) -> None:
         """Delete the file if it exists."""
@@ -176,16 +177,17 @@ def folder(out: str | Path) -> Path:
 
 
 def remove_others(out: str | Path, keep: Sequence[Path]) -> list[Path]:
-    """Delete the checkpoints in OUT that are not in `keep` (their group has finished, or is no
-    group of this config any more), and the folder when it ends up empty. Returns the removed
-    paths. Call it only while holding OUT's lock."""
+    """Delete the files in OUT/checkpoints but those in `keep`: checkpoints of groups that have
+    finished or are no group of this config, and temporaries of a killed writer; then the folder
+    when it is empty. Returns the removed paths. Call it only while holding OUT's lock and while
+    no group trains (a live writer's temporary looks the same)."""
     where = folder(out)
     if not where.is_dir():
         return []
     wanted = {Path(p).name for p in keep}
     removed = []
     for path in sorted(where.iterdir()):
-        if path.suffix == ".npz" and path.name not in wanted and path.is_file():
+        if path.name not in wanted and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     remove_folder_if_empty(out)

@@ -801,11 +801,16 @@ def _start(spec, members, settings, inputs: _Inputs, num_checks, probe_settings,
     if saved is None:
         return (*state, _Reached())
     try:
-        return (*state, _restore(*state, *saved))
+        reached = _restore(*state, *saved)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         # Half restored: start again from fresh state (a checkpoint is all or nothing).
         checkpoint.discard(f"its content does not fit this group: {type(exc).__name__}: {exc}")
         return (*fresh(), _Reached())
+    checkpoint.note(
+        f"resuming a group of {len(members)} runs from its checkpoint at iteration "
+        f"{reached.iteration} of {num_iterations}"
+    )
+    return (*state, reached)
 
 
 def _capture(group: _Group, history: _History, probe: _Probes | None, reached: _Reached):

@@ -5,16 +5,26 @@ checkpoint to the numbers of an uninterrupted run."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from fakecifar import learnable_splits, make_learnable_images, write_binary
 
 from bnexp import checkpoint as ckpt
-from bnexp import plan, train
+from bnexp import plan, records, sweep, train
 from bnexp.config import load_config
 from bnexp.data import Splits
+from bnexp.errors import ConfigError
 from bnexp.model import NetSpec
 from bnexp.probes import ProbeSettings
 from bnexp.sweep import solver_settings
@@ -22,6 +32,7 @@ from bnexp.sweep import solver_settings
 D, C, NUM_TRAIN, BATCH = 40, 4, 60, 12  # 5 iterations per epoch
 SCALES = [1e-2, 5e-2, 0.1, 0.3]
 LRS = [1e-3, 3e-3, 5e-4, 1e-2]
+ROOT = Path(records.__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +236,225 @@ def test_period_from_environment(monkeypatch):
         monkeypatch.setenv(ckpt.SECONDS_VARIABLE, bad)
         with pytest.raises(ValueError, match=ckpt.SECONDS_VARIABLE):
             ckpt.period_from_environment()
+
+
+# --- the sweep: checkpoints in OUT/checkpoints, resumed, removed ---------------------------------
+
+SMALL = [
+    "model.hidden_dims=[16, 16]",
+    "model.weight_scale=[1.0e-3, 5.0e-2, 1.0]",
+    "train.epochs=4",
+    "train.batch_size=20",
+    "data.num_train=100",
+]  # two groups (batch norm, baseline) of 3 networks, 5 iterations per epoch
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return learnable_splits()
+
+
+@pytest.fixture
+def every_epoch(monkeypatch):
+    monkeypatch.setenv(ckpt.SECONDS_VARIABLE, "0")
+
+
+def _run(out, data, *extra, **kw):
+    cfg = load_config(None, [*SMALL, *extra])
+    kw = {"progress": False, "plot": False, "log": lambda m: None, **kw}
+    return sweep.run_experiment(cfg, out, data=data, **kw)
+
+
+def _records(out: Path) -> dict:
+    """Every run's summary (but `seconds`) and metrics lines, and results.csv without seconds."""
+    found = {}
+    for path in sorted(out.glob("runs/*/summary.json")):
+        summary = json.loads(path.read_text())
+        summary.pop("seconds")
+        found[path.parent.name] = (summary, (path.parent / "metrics.jsonl").read_text())
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    for row in rows:
+        row.pop("seconds")
+    return {"runs": found, "results": rows}
+
+
+def _interrupt_at_save(monkeypatch, n: int) -> None:
+    """Ctrl-C right after the n-th checkpoint of this process is written."""
+    real, saved = ckpt.Checkpoint.save, []
+
+    def save(self, arrays, meta):
+        real(self, arrays, meta)
+        saved.append(self.path)
+        if len(saved) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.Checkpoint, "save", save)
+
+
+@pytest.mark.parametrize("n", [2, 5], ids=["in-group-1", "in-group-2"])
+def test_sweep_resumes_from_its_checkpoint(tmp_path, splits, monkeypatch, capfd, every_epoch, n):
+    _run(tmp_path / "whole", splits)
+    with monkeypatch.context() as patch:
+        _interrupt_at_save(patch, n)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path / "out", splits)
+    left = list((tmp_path / "out" / "checkpoints").iterdir())
+    assert len(left) == 1 and left[0].suffix == ".npz"  # the first group's went with its records
+    capfd.readouterr()
+    result = _run(tmp_path / "out", splits)
+    assert "resuming a group of 3 runs from its checkpoint at iteration 10 of 20" in (
+        capfd.readouterr().err
+    )
+    assert result.trained == (6 if n == 2 else 3)
+    assert _records(tmp_path / "out") == _records(tmp_path / "whole")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_sweep_ignores_a_checkpoint_of_other_data(tmp_path, monkeypatch, capfd, every_epoch):
+    """Nothing finished yet, so other data is allowed; its group's checkpoint is not."""
+    one_group = "model.batchnorm=true"
+    first, second = learnable_splits(seed=1), learnable_splits(seed=2)
+    with monkeypatch.context() as patch:
+        _interrupt_at_save(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path / "out", first, one_group)
+    assert len(list((tmp_path / "out" / "checkpoints").iterdir())) == 1
+    capfd.readouterr()
+    _run(tmp_path / "out", second, one_group)
+    err = capfd.readouterr().err
+    assert "written for another config or data" in err and "resuming" not in err
+    _run(tmp_path / "whole", second, one_group)
+    assert _records(tmp_path / "out") == _records(tmp_path / "whole")
+
+
+def test_force_removes_checkpoints(tmp_path, splits, monkeypatch, capfd, every_epoch):
+    with monkeypatch.context() as patch:
+        _interrupt_at_save(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path / "out", splits)
+    capfd.readouterr()
+    _run(tmp_path / "out", splits, force=True)
+    assert "resuming" not in capfd.readouterr().err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_left_over_checkpoints_and_temporaries_are_removed(tmp_path, splits):
+    """A checkpoint of a group whose records were written just before a kill, and a killed
+    writer's temporary: the next invocation removes both, even with nothing to train."""
+    _run(tmp_path / "out", splits)
+    folder = tmp_path / "out" / "checkpoints"
+    folder.mkdir()
+    (folder / "0123456789abcdef.npz").write_bytes(b"old")
+    (folder / ".0123456789abcdef.npz.x1y2.tmp").write_bytes(b"half")
+    assert _run(tmp_path / "out", splits).trained == 0
+    assert not folder.exists()
+    folder.mkdir()
+    (folder / ".0123456789abcdef.npz.x1y2.tmp").write_bytes(b"half")
+    _run(tmp_path / "out", splits, force=True)  # trains: the temporary goes with the lock held
+    assert not folder.exists()
+
+
+def test_bad_checkpoint_period_is_one_config_error(tmp_path, splits, monkeypatch):
+    monkeypatch.setenv(ckpt.SECONDS_VARIABLE, "-5")
+    with pytest.raises(ConfigError, match=ckpt.SECONDS_VARIABLE):
+        _run(tmp_path / "out", splits)
+    assert not (tmp_path / "out").exists()
+
+
+# --- a real process, killed with SIGKILL after its first checkpoint ----------------------------
+
+TRAIN = [
+    "data.num_training=400",
+    "data.num_validation=100",
+    "data.num_test=50",
+    "data.num_train=200",
+    "model.hidden_dims=[32, 32]",
+    "train.epochs=60",
+    "model.dropout_keep=0.9",
+    "probes.every=50",
+    "probes.ics=true",
+    "probes.landscape=true",
+]
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    x, y, xt, yt = make_learnable_images(np.random.default_rng(3), 5 * 100, 60)
+    data = write_binary(root / "cifar", x, y, xt, yt, n_batch=100)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(root / "cache")}
+    env[ckpt.SECONDS_VARIABLE] = "0"
+    env.pop("BNEXP_DATA_DIR", None)
+    return data, env
+
+
+def _command(data, out, jobs):
+    command = [sys.executable, "-m", "bnexp", "train", "-o", str(out), "--no-plot"]
+    return [*command, "--data-dir", str(data), "--jobs", str(jobs), *TRAIN]
+
+
+def _all_records(out: Path) -> dict:
+    """_records plus the probe records of every run."""
+    found = _records(out)
+    for name in ("layers.jsonl", "landscape.jsonl"):
+        found[name] = {p.parent.name: p.read_text() for p in sorted(out.glob(f"runs/*/{name}"))}
+    assert found["layers.jsonl"] and found["landscape.jsonl"]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_records(
+    tmp_path, fake_cifar, jobs
+):
+    data, env = fake_cifar
+    whole = subprocess.run(
+        _command(data, tmp_path / "whole", jobs), env=env, capture_output=True, text=True
+    )
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        _command(data, out, jobs),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoints/*.npz")):
+            assert process.poll() is None, "finished before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not _left_in_group(process.pid), "a worker outlived its killed parent"
+    assert not (out / "results.csv").exists() or len(_records(out)["runs"]) < 2
+    again = subprocess.run(_command(data, out, jobs), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming a group of 1 runs from its checkpoint" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert _all_records(out) == _all_records(tmp_path / "whole")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not (out / "checkpoints").exists() and not (out / records.LOCK_NAME).exists()
+
+
+def _left_in_group(pgid: int, seconds: float = 5.0) -> list[int]:
+    """Live processes of process group pgid (from /proc), after waiting up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # not a process, or it ended meanwhile
+            if entry.name.isdigit() and int(fields[2]) == pgid and fields[0] not in "ZX":
+                found.append(int(entry.name))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
