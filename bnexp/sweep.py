@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import sys
 import time
 import warnings
@@ -450,27 +451,56 @@ def _train_and_record(exp: _Experiment, data, options: dict, manifest: dict, sou
                     job.checkpoint.remove()
         status = "complete"
     except KeyboardInterrupt:
-        status = "interrupted"
+        # A signal after the last record (while the workers stop) leaves nothing to resume.
+        finished = all(records.is_finished(exp.out, rid) for rid in exp.ids)
+        status = "complete" if finished else "interrupted"
         raise
     finally:
-        # A worker stopped while writing a checkpoint leaves its temporary behind.
-        records.remove_temporaries(checkpoint.folder(exp.out))
-        checkpoint.remove_folder_if_empty(exp.out)
-        records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
-        manifest.update(
-            status=status,
-            end_time=records.now_iso(),
-            runs_trained=trained,
-            train_seconds=round(time.perf_counter() - start, 3),
-        )
-        if scheduler is not None:
-            manifest["scheduler"] = scheduler
-            manifest["group_workers"] = [
-                {"runs": [exp.ids[i] for i in w["run_indices"]], "worker": w["worker"]}
-                for w in workers
-            ]
-        records.write_manifest(exp.out, manifest)
+        with _signals_held():  # a second signal must not cut the closing writes short
+            _close(exp, manifest, status, trained, time.perf_counter() - start, workers, scheduler)
     return trained
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM until the block ends, then act on them as usual (the Python
+    handlers run in the main thread whichever thread the kernel picks, so they are swapped,
+    not masked). In another thread signals are not ours to handle: nothing is held."""
+    held: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {kind: signal.signal(kind, lambda n, _: held.append(n)) for kind in kinds}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
+        for kind in held[:1]:
+            signal.raise_signal(kind)
+
+
+def _close(exp: _Experiment, manifest, status, trained, seconds, workers, scheduler) -> None:
+    """After training (finished, interrupted or failed): remove checkpoint temporaries, rewrite
+    results.csv, and write the manifest's final status."""
+    # A worker stopped while writing a checkpoint leaves its temporary behind.
+    records.remove_temporaries(checkpoint.folder(exp.out))
+    checkpoint.remove_folder_if_empty(exp.out)
+    records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
+    manifest.update(
+        status=status,
+        end_time=records.now_iso(),
+        runs_trained=trained,
+        train_seconds=round(seconds, 3),
+    )
+    if scheduler is not None:
+        manifest["scheduler"] = scheduler
+        manifest["group_workers"] = [
+            {"runs": [exp.ids[i] for i in w["run_indices"]], "worker": w["worker"]} for w in workers
+        ]
+    records.write_manifest(exp.out, manifest)
 
 
 def _record_group(exp: _Experiment, data, run_indices, results: list[RunResult]) -> int:
