@@ -9,6 +9,7 @@ Layout of an output folder OUT::
                              with probes on also layers.jsonl (one line per probed iteration and
                              layer) and landscape.jsonl (one line per probed iteration)
     OUT/plots/               PNG figures (SVG on request)
+    OUT/checkpoints/         while groups train: one <group-id>.npz each (`bnexp.checkpoint`)
     OUT/.bnexp.lock          while a process writes into OUT: its pid and host (`output_lock`)
 
 Every file is written to a temporary file in the same folder and moved into place with

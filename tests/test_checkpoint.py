@@ -458,3 +458,27 @@ def _left_in_group(pgid: int, seconds: float = 5.0) -> list[int]:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+def test_every_piece_of_training_state_is_in_the_checkpoint(data):
+    """A guard for later changes: state added to the group, history or probes must be added to
+    `train._capture` and `train._restore` too (or listed here as derived from the members)."""
+    spec = NetSpec(D, (16, 12), C, normalization="noisy_batchnorm")
+    settings = _settings()
+    members = _members(spec, settings, dropout_keep=0.8)
+    inputs = train._Inputs.of(data, members, settings.compute_np_dtype)
+    probes = ProbeSettings(every=5, batch_size=20, ics=True, landscape=True)
+    group, history, probe, _ = train._start(spec, members, settings, inputs, 5, probes, None)
+    arrays, meta = train._capture(group, history, probe, train._Reached(5, 2, 1.0))
+    captured = {"params", "flat", "lr", "alive", "bn_params", "updaters", "rngs"}
+    derived = {"spec", "settings", "wide", "K", "dtype", "small", "flat_grad", "grad_views"}
+    derived |= {"keep", "strength"}  # from the members
+    assert set(vars(group)) == captured | derived
+    assert {f"history.{f.name}" for f in dataclasses.fields(history) if f.name != "best"} <= set(
+        arrays
+    )
+    assert set(history.best) == {"params", "stats"}
+    captured = {"prev", "layers", "landscape"}
+    derived = {"settings", "steps", "spec", "eps", "X", "y", "before"}  # before: set per step
+    assert set(vars(probe)) == captured | derived
+    assert set(meta) >= {"iteration", "check", "seconds", "optimizer", "rngs", "probe"}
