@@ -21,7 +21,7 @@ rewritten after every group, so Ctrl-C keeps every finished run and re-running t
 trains only the rest.
 
 A group in training is checkpointed at epoch ends (`bnexp.checkpoint`: at most every
-``BNEXP_CHECKPOINT_SECONDS``, default 60 s) into OUT/checkpoints/, so an interrupted group
+``BNEXP_CHECKPOINT_SECONDS``, default 20 s) into OUT/checkpoints/, so an interrupted group
 resumes from its last checkpoint to the same bits instead of from iteration 0; a group's
 checkpoint is removed once its runs are recorded, and every checkpoint with ``--force``. Not with a
 Dask scheduler: its workers may not see OUT.
