@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bnexp import records
+from bnexp.errors import OutputError
 
 #: Version of the file's content; part of the key, so a file of another version is not used.
 FORMAT = 1
@@ -45,6 +46,9 @@ FOLDER = "checkpoints"
 DEFAULT_SECONDS = 20.0
 #: Environment variable overriding `DEFAULT_SECONDS` (0: at every epoch end; "off": never).
 SECONDS_VARIABLE = "BNEXP_CHECKPOINT_SECONDS"
+
+
+_FIX = f"free some disk space, or set {SECONDS_VARIABLE}=off to train without checkpoints"
 
 
 class CheckpointError(ValueError):
@@ -129,8 +133,11 @@ class Checkpoint:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        records.atomic_write(self.path, write)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.path.parent}: cannot create ({exc}); {_FIX}") from None
+        records.atomic_write(self.path, write, fix=_FIX)
 
     def load(self) -> tuple[dict[str, np.ndarray], dict] | None:
         """The arrays and meta of this group's checkpoint, or None when there is none to use

@@ -24,7 +24,7 @@ from bnexp import checkpoint as ckpt
 from bnexp import plan, records, sweep, train
 from bnexp.config import load_config
 from bnexp.data import Splits
-from bnexp.errors import ConfigError
+from bnexp.errors import ConfigError, OutputError
 from bnexp.model import NetSpec
 from bnexp.probes import ProbeSettings
 from bnexp.sweep import solver_settings
@@ -482,3 +482,12 @@ def test_every_piece_of_training_state_is_in_the_checkpoint(data):
     derived = {"settings", "steps", "spec", "eps", "X", "y", "before"}  # before: set per step
     assert set(vars(probe)) == captured | derived
     assert set(meta) >= {"iteration", "check", "seconds", "optimizer", "rngs", "probe"}
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_output_error(tmp_path, data):
+    spec = NetSpec(D, (16,), C)
+    settings = _settings()
+    (tmp_path / "checkpoints").write_text("a file in the way of the folder")
+    point = ckpt.Checkpoint(tmp_path / "checkpoints" / "g.npz", key="k", seconds=0.0)
+    with pytest.raises(OutputError, match=f"{ckpt.SECONDS_VARIABLE}=off"):
+        train.train_group(spec, _members(spec, settings), data, settings, None, None, point)
