@@ -291,17 +291,23 @@ def _interrupt_at_save(monkeypatch, n: int) -> None:
     monkeypatch.setattr(ckpt.Checkpoint, "save", save)
 
 
-@pytest.mark.parametrize("n", [2, 5], ids=["in-group-1", "in-group-2"])
-def test_sweep_resumes_from_its_checkpoint(tmp_path, splits, monkeypatch, capfd, every_epoch, n):
-    _run(tmp_path / "whole", splits)
+@pytest.mark.parametrize(
+    ("n", "extra"),
+    [(2, []), (5, []), (5, ["rng=cs231n"])],
+    ids=["in-group-1", "in-group-2", "cs231n-replay"],
+)
+def test_sweep_resumes_from_its_checkpoint(
+    tmp_path, splits, monkeypatch, capfd, every_epoch, n, extra
+):
+    _run(tmp_path / "whole", splits, *extra)
     with monkeypatch.context() as patch:
         _interrupt_at_save(patch, n)
         with pytest.raises(KeyboardInterrupt):
-            _run(tmp_path / "out", splits)
+            _run(tmp_path / "out", splits, *extra)
     left = list((tmp_path / "out" / "checkpoints").iterdir())
     assert len(left) == 1 and left[0].suffix == ".npz"  # the first group's went with its records
     capfd.readouterr()
-    result = _run(tmp_path / "out", splits)
+    result = _run(tmp_path / "out", splits, *extra)
     assert "resuming a group of 3 runs from its checkpoint at iteration 10 of 20" in (
         capfd.readouterr().err
     )
