@@ -9,6 +9,7 @@ Layout of an output folder OUT::
                              with probes on also layers.jsonl (one line per probed iteration and
                              layer) and landscape.jsonl (one line per probed iteration)
     OUT/plots/               PNG figures (SVG on request)
+    OUT/checkpoints/         while groups train: one <group-id>.npz each (`bnexp.checkpoint`)
     OUT/.bnexp.lock          while a process writes into OUT: its pid and host (`output_lock`)
 
 Every file is written to a temporary file in the same folder and moved into place with
@@ -279,13 +280,14 @@ def remove_temporaries(folder: Path, match: Callable[[Path], bool] = _is_stale_t
 
 
 def clean_stale_temporaries(out: str | Path) -> list[Path]:
-    """Remove the temporaries a killed process left in OUT, OUT/plots and OUT/runs/*.
+    """Remove the temporaries a killed process left in OUT, OUT/plots, OUT/checkpoints and
+    OUT/runs/*.
 
     Call it only while holding `output_lock(out)`: another live process's temporaries look the
     same. Returns the removed paths.
     """
     out = Path(out)
-    folders = [out, out / "plots"]
+    folders = [out, out / "plots", out / "checkpoints"]
     if (out / "runs").is_dir():
         folders += sorted(p for p in (out / "runs").iterdir() if p.is_dir())
     return [path for folder in folders for path in remove_temporaries(folder)]

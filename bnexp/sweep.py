@@ -19,11 +19,19 @@ A run's id is a hash of its resolved config (`bnexp.config.run_id`); a run whose
 exists is skipped. Records of a group are written as soon as the group finishes, and results.csv is
 rewritten after every group, so Ctrl-C keeps every finished run and re-running the same command
 trains only the rest.
+
+A group in training is checkpointed at epoch ends (`bnexp.checkpoint`: at most every
+``BNEXP_CHECKPOINT_SECONDS``, default 20 s) into OUT/checkpoints/, so an interrupted group
+resumes from its last checkpoint to the same bits instead of from iteration 0; a group's
+checkpoint is removed once its runs are recorded, and every checkpoint with ``--force``. Not with a
+Dask scheduler: its workers may not see OUT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import sys
 import time
 import warnings
@@ -33,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnexp import records
+from bnexp import checkpoint, records
 from bnexp.config import (
     INPUT_DIM,
     NUM_CLASSES,
@@ -264,6 +272,7 @@ class _GroupJob:
     members: tuple[Member, ...]
     settings: SolverSettings
     probe_settings: ProbeSettings | None = None
+    checkpoint: checkpoint.Checkpoint | None = None
 
     @property
     def iterations(self) -> int:
@@ -278,7 +287,13 @@ class _GroupJob:
     def run(self, data, on_progress=None) -> list[RunResult]:
         """Train the group in this process; on_progress(iterations done) after each iteration."""
         return train_group(
-            self.spec, list(self.members), data, self.settings, on_progress, self.probe_settings
+            self.spec,
+            list(self.members),
+            data,
+            self.settings,
+            on_progress,
+            self.probe_settings,
+            self.checkpoint,
         )
 
 
@@ -306,6 +321,24 @@ def _group_jobs(runs: Sequence[Run], todo: Sequence[int]) -> list[_GroupJob]:
         spec, settings = net_spec(first), solver_settings(first)
         jobs.append(_GroupJob(tuple(indices), spec, members, settings, probe_settings(first)))
     return jobs
+
+
+def _checkpointed(jobs: list[_GroupJob], exp, data, source: dict, seconds) -> list[_GroupJob]:
+    """The jobs with their checkpoint in OUT/checkpoints (none when `seconds` is None); removes
+    the checkpoints of groups that are not among them (finished, or of another config)."""
+    if seconds is None:
+        checkpoint.remove_others(exp.out, [])
+        return jobs
+    data_id = checkpoint.data_fingerprint(data, source)
+    with_checkpoints = []
+    for job in jobs:
+        ids = [exp.ids[i] for i in job.run_indices]
+        path = checkpoint.folder(exp.out) / f"{checkpoint.group_id(ids)}.npz"
+        key = checkpoint.group_key(ids, exp.config_yaml, data_id)
+        point = checkpoint.Checkpoint(path, key, seconds)
+        with_checkpoints.append(dataclasses.replace(job, checkpoint=point))
+    checkpoint.remove_others(exp.out, [job.checkpoint.path for job in with_checkpoints])
+    return with_checkpoints
 
 
 def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Callable[[str], None]):
@@ -393,60 +426,109 @@ def _same_data(exp: _Experiment, source: dict, earlier: dict | None, force: bool
     return dataclasses.replace(exp, todo=list(range(len(exp.runs))))
 
 
-def _train_and_record(
-    exp: _Experiment, data, jobs: int, progress: bool, manifest: dict, scheduler: str | None
-) -> int:
+def _train_and_record(exp: _Experiment, data, options: dict, manifest: dict, source: dict) -> int:
     """Train the unfinished runs group by group, recording each group as it finishes; the
     manifest's final status says whether all finished, Ctrl-C stopped it, or it failed. With a
-    Dask `scheduler`, the manifest also names the worker that trained each group."""
+    Dask `scheduler`, the manifest also names the worker that trained each group.
+
+    options: jobs, progress, scheduler and checkpoint_seconds (None: no checkpoints) as given
+    to `run_experiment`; source: the data's origin (its fingerprint ties checkpoints to it).
+    """
     status, trained, start = "failed", 0, time.perf_counter()
     workers: list[dict] = []
+    scheduler = options["scheduler"]
     try:
         # Inside the try: a signal right after 'running' is written still ends as 'interrupted'.
         records.write_manifest(exp.out, manifest)
-        unfinished = set(exp.todo)
         group_jobs = _group_jobs(exp.runs, exp.todo)
+        seconds = options["checkpoint_seconds"] if scheduler is None else None
+        group_jobs = _checkpointed(group_jobs, exp, data, source, seconds)
+        jobs, progress = options["jobs"], options["progress"]
         ran = execute(group_jobs, data, jobs, progress, scheduler=scheduler, workers=workers)
-        for run_indices, results in ran:
-            for i, result in zip(run_indices, results, strict=True):
-                if i not in unfinished:
-                    continue  # trained again only to keep its group whole; its record stands
-                summary = run_summary(exp.runs[i], exp.ids[i], result, data)
-                config = run_config_dict(exp.runs[i])
-                records.write_run(
-                    exp.out,
-                    exp.ids[i],
-                    config,
-                    summary,
-                    run_metrics(summary),
-                    probe_layers=result.probe_layers,
-                    probe_landscape=result.probe_landscape,
-                )
-                trained += 1
-            records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
+        # closing: the workers are stopped before the checkpoint temporaries are cleaned below.
+        with contextlib.closing(ran):
+            for run_indices, results in ran:
+                trained += _record_group(exp, data, run_indices, results)
+                job = next(j for j in group_jobs if j.run_indices == tuple(run_indices))
+                if job.checkpoint is not None:
+                    job.checkpoint.remove()
         status = "complete"
     except KeyboardInterrupt:
-        status = "interrupted"
+        # A signal after the last record (while the workers stop) leaves nothing to resume.
+        finished = all(records.is_finished(exp.out, rid) for rid in exp.ids)
+        status = "complete" if finished else "interrupted"
         raise
     finally:
-        records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
-        manifest.update(
-            status=status,
-            end_time=records.now_iso(),
-            runs_trained=trained,
-            train_seconds=round(time.perf_counter() - start, 3),
-        )
-        if scheduler is not None:
-            manifest["scheduler"] = scheduler
-            manifest["group_workers"] = [
-                {"runs": [exp.ids[i] for i in w["run_indices"]], "worker": w["worker"]}
-                for w in workers
-            ]
-        records.write_manifest(exp.out, manifest)
+        with _signals_held():  # a second signal must not cut the closing writes short
+            _close(exp, manifest, status, trained, time.perf_counter() - start, workers, scheduler)
     return trained
 
 
-def _train(exp: _Experiment, data, data_dir, jobs, force, progress, log, scheduler) -> int:
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM until the block ends, then act on them as usual (the Python
+    handlers run in the main thread whichever thread the kernel picks, so they are swapped,
+    not masked). In another thread signals are not ours to handle: nothing is held."""
+    held: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {kind: signal.signal(kind, lambda n, _: held.append(n)) for kind in kinds}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
+        for kind in held[:1]:
+            signal.raise_signal(kind)
+
+
+def _close(exp: _Experiment, manifest, status, trained, seconds, workers, scheduler) -> None:
+    """After training (finished, interrupted or failed): remove checkpoint temporaries, rewrite
+    results.csv, and write the manifest's final status."""
+    # A worker stopped while writing a checkpoint leaves its temporary behind.
+    records.remove_temporaries(checkpoint.folder(exp.out))
+    checkpoint.remove_folder_if_empty(exp.out)
+    records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
+    manifest.update(
+        status=status,
+        end_time=records.now_iso(),
+        runs_trained=trained,
+        train_seconds=round(seconds, 3),
+    )
+    if scheduler is not None:
+        manifest["scheduler"] = scheduler
+        manifest["group_workers"] = [
+            {"runs": [exp.ids[i] for i in w["run_indices"]], "worker": w["worker"]} for w in workers
+        ]
+    records.write_manifest(exp.out, manifest)
+
+
+def _record_group(exp: _Experiment, data, run_indices, results: list[RunResult]) -> int:
+    """Write the records of a group's unfinished runs and results.csv; how many were written."""
+    unfinished, written = set(exp.todo), 0
+    for i, result in zip(run_indices, results, strict=True):
+        if i not in unfinished:
+            continue  # trained again only to keep its group whole; its record stands
+        summary = run_summary(exp.runs[i], exp.ids[i], result, data)
+        config = run_config_dict(exp.runs[i])
+        records.write_run(
+            exp.out,
+            exp.ids[i],
+            config,
+            summary,
+            run_metrics(summary),
+            probe_layers=result.probe_layers,
+            probe_landscape=result.probe_landscape,
+        )
+        written += 1
+    records.write_results_csv(exp.out, records.read_summaries(exp.out, exp.ids))
+    return written
+
+
+def _train(exp: _Experiment, data, data_dir, force, log, options: dict) -> int:
     """Load the data, check it is the data of OUT's finished runs, then train and record."""
     source = {"provided": "in-memory arrays"}
     if data is None:
@@ -456,8 +538,10 @@ def _train(exp: _Experiment, data, data_dir, jobs, force, progress, log, schedul
     # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
     # behind that would then refuse the next, different config as if it held results.
     records.prepare_output_dir(exp.out, exp.config_yaml, force=force)
-    manifest = _new_manifest(exp, jobs, source, earlier)
-    return _train_and_record(exp, data, jobs, progress, manifest, scheduler)
+    if force:
+        checkpoint.remove_all(exp.out)  # --force starts every group afresh
+    manifest = _new_manifest(exp, options["jobs"], source, earlier)
+    return _train_and_record(exp, data, options, manifest, source)
 
 
 def _stderr(message: str) -> None:
@@ -508,6 +592,12 @@ def run_experiment(
     log = log or _stderr
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    try:
+        seconds = checkpoint.period_from_environment()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    options = {"jobs": jobs, "progress": progress, "scheduler": scheduler}
+    options["checkpoint_seconds"] = seconds
     # One process per OUT: a second one stops with one line naming the holder (exit 4).
     with records.output_lock(out):
         exp = _survey(cfg, out, force)
@@ -515,9 +605,11 @@ def run_experiment(
         if skipped:
             log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
         if exp.todo:
-            trained = _train(exp, data, data_dir, jobs, force, progress, log, scheduler)
-        elif records.refresh_descriptions(exp.out, exp.config_yaml):
-            log(f"note: updated the claim in {exp.out / 'config.yaml'} (nothing to retrain)")
+            trained = _train(exp, data, data_dir, force, log, options)
+        else:
+            checkpoint.remove_others(exp.out, [])  # of a group killed after its records
+            if records.refresh_descriptions(exp.out, exp.config_yaml):
+                log(f"note: updated the claim in {exp.out / 'config.yaml'} (nothing to retrain)")
     summaries = records.read_summaries(exp.out, exp.ids)
     plots: list[Path] = []
     drawn = sorted((exp.out / "plots").glob("*.png"))

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnexp import layers, model, optim, probes
+from bnexp.checkpoint import Checkpoint, CheckpointError
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, iterations_per_epoch, step_generators
 from bnexp.probes import ProbeSettings
@@ -627,6 +628,7 @@ def train_group(
     settings: SolverSettings,
     on_progress: Callable[[int], None] | None = None,
     probe_settings: ProbeSettings | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> list[RunResult]:
     """Train K networks of one architecture in lockstep with CS231n Solver semantics.
 
@@ -645,6 +647,10 @@ def train_group(
     probe_settings : ProbeSettings, optional
         Probes to run at the probe iterations (see `_Probes`); they read the parameters only,
         so every other number of the results is the same without them.
+    checkpoint : Checkpoint, optional
+        Resume from this group's checkpoint when it has one, and write one at epoch ends
+        (after the epoch's check) as often as it says; the results are the same bits as
+        without it (`seconds` aside, which counts the training before the resume too).
 
     Returns
     -------
@@ -657,12 +663,13 @@ def train_group(
     num_iterations = settings.num_iterations(num_train)
     checks = check_schedule(num_iterations, per_epoch)
     inputs = _Inputs.of(data, members, settings.compute_np_dtype)
-    group = _Group(spec, members, settings, inputs.wide)
-    history = _History.start(group, num_iterations, len(checks))
-    probe = _Probes.of(probe_settings, group, inputs, num_iterations, members)
+    group, history, probe, reached = _start(
+        spec, members, settings, inputs, len(checks), probe_settings, checkpoint
+    )
+    saved_at = time.perf_counter()
     with np.errstate(all="ignore"):  # a diverging network overflows by design; it is contained
-        check = 0
-        for t in range(num_iterations):
+        check = reached.check
+        for t in range(reached.iteration, num_iterations):
             if probe is not None:
                 probe.before_step(group, t)
             _step(group, inputs, t, history)
@@ -673,11 +680,16 @@ def train_group(
             if check < len(checks) and checks[check] == t:
                 _check_accuracy(group, inputs, check, history)
                 check += 1
+            last = t + 1 == num_iterations  # the results follow at once: nothing to keep
+            if checkpoint and (t + 1) % per_epoch == 0 and not last and checkpoint.due(saved_at):
+                elapsed = reached.seconds + time.perf_counter() - start
+                checkpoint.save(*_capture(group, history, probe, _Reached(t + 1, check, elapsed)))
+                saved_at = time.perf_counter()
             if on_progress is not None:
                 on_progress(t + 1)
         test_acc = _test_accuracy(group, data, history)
         every_mode = _every_mode_accuracy(group, inputs, data)
-    seconds = (time.perf_counter() - start) / len(members)
+    seconds = (reached.seconds + time.perf_counter() - start) / len(members)
     results = _results(history, test_acc, checks, settings.loss_window, seconds, every_mode)
     if probe is not None:
         for result, layer_records, landscape_records in zip(
@@ -847,3 +859,162 @@ class _Probes:
             net = record.pop("net")
             merged = self.layers[net].setdefault((t, record["layer"]), {"iteration": t})
             merged.update(record)
+
+
+# --- checkpoints: the whole state of a group at an epoch end ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reached:
+    """How far a group's training got: iterations done, accuracy checks done, seconds trained."""
+
+    iteration: int = 0
+    check: int = 0
+    seconds: float = 0.0
+
+
+def _start(spec, members, settings, inputs: _Inputs, num_checks, probe_settings, checkpoint):
+    """The group's state to train from: its checkpoint's, when it has a usable one, else fresh.
+    Returns (group, history, probes or None, _Reached)."""
+    num_iterations = inputs.indices.shape[1]
+
+    def fresh():
+        group = _Group(spec, members, settings, inputs.wide)
+        history = _History.start(group, num_iterations, num_checks)
+        probe = _Probes.of(probe_settings, group, inputs, num_iterations, members)
+        return group, history, probe
+
+    state = fresh()
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        return (*state, _Reached())
+    try:
+        reached = _restore(*state, *saved)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # Half restored: start again from fresh state (a checkpoint is all or nothing).
+        checkpoint.discard(f"its content does not fit this group: {type(exc).__name__}: {exc}")
+        return (*fresh(), _Reached())
+    checkpoint.note(
+        f"resuming a group of {len(members)} runs from its checkpoint at iteration "
+        f"{reached.iteration} of {num_iterations}"
+    )
+    return (*state, reached)
+
+
+def _capture(group: _Group, history: _History, probe: _Probes | None, reached: _Reached):
+    """Everything the loop needs to go on from `reached` exactly as if never stopped, as
+    (arrays by name, JSON-able meta). The arrays are the live ones, not copies."""
+    arrays = {"group.W1": group.params["W1"], "group.flat": group.flat}
+    arrays.update({"group.lr": group.lr, "group.alive": group.alive})
+    for i, bn_param in enumerate(group.bn_params):
+        arrays[f"bn.{i}.running_mean"] = bn_param["running_mean"]
+        arrays[f"bn.{i}.running_var"] = bn_param["running_var"]
+    optimizer = {}
+    for name, updater in group.updaters.items():
+        optimizer[name] = []
+        for b, state in enumerate(updater.states):
+            present = [key for key in updater.state_arrays if state.get(key) is not None]
+            arrays.update({f"opt.{name}.{b}.{key}": state[key] for key in present})
+            optimizer[name].append({"t": state.get("t"), "arrays": present})
+    for key in ("losses", "train_acc", "val_acc", "diverged_at", "best_val", "best_check"):
+        arrays[f"history.{key}"] = getattr(history, key)
+    arrays.update({f"best.params.{key}": v for key, v in history.best["params"].items()})
+    for i, (mean, var) in enumerate(history.best["stats"]):
+        arrays[f"best.stats.{i}.mean"], arrays[f"best.stats.{i}.var"] = mean, var
+    meta = {
+        "iteration": reached.iteration,
+        "check": reached.check,
+        "seconds": reached.seconds,
+        "optimizer": optimizer,
+        # Generator.bit_generator.state: a dict of (big) ints, exact in JSON.
+        "rngs": [[g.bit_generator.state for g in pair] for pair in group.rngs],
+        "probe": None,
+    }
+    if probe is not None:
+        prev = probe.prev or {}
+        arrays.update({f"probe.prev.{key}": value for key, value in prev.items()})
+        meta["probe"] = {
+            "prev": probe.prev is not None,
+            "layers": [list(records.values()) for records in probe.layers],
+            "landscape": probe.landscape,
+            "noise_rngs": [g.bit_generator.state for g in probe.noise_rngs],
+        }
+    return arrays, meta
+
+
+def _fit(array: np.ndarray, like: np.ndarray | tuple, dtype=None) -> np.ndarray:
+    """A writable C-contiguous copy of a checkpoint's array; CheckpointError unless it has the
+    shape and dtype of `like` (an array, or a shape with `dtype`)."""
+    shape, dtype = (like.shape, like.dtype) if isinstance(like, np.ndarray) else (like, dtype)
+    if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise CheckpointError(f"an array is {array.dtype}{array.shape}, not {dtype}{shape}")
+    return np.array(array, order="C", copy=True)
+
+
+def _restore(group: _Group, history: _History, probe: _Probes | None, arrays: dict, meta: dict):
+    """Put a checkpoint's state (`_capture`'s) into fresh group, history and probes; returns
+    the _Reached it was written at. Raises CheckpointError (or KeyError, ...) when it does not
+    fit; the state may then be half restored."""
+    reached = _Reached(int(meta["iteration"]), int(meta["check"]), float(meta["seconds"]))
+    if not (0 < reached.iteration <= history.losses.shape[1]):
+        raise CheckpointError(f"iteration {reached.iteration} is out of range")
+    if not (0 <= reached.check <= history.train_acc.shape[1]):
+        raise CheckpointError(f"check {reached.check} is out of range")
+    group.params["W1"][...] = _fit(arrays["group.W1"], group.params["W1"])
+    group.flat[...] = _fit(arrays["group.flat"], group.flat)
+    group.lr = _fit(arrays["group.lr"], group.lr)
+    group.alive[...] = _fit(arrays["group.alive"], group.alive)
+    group._push_learning_rates()
+    for i, bn_param in enumerate(group.bn_params):
+        for key in ("running_mean", "running_var"):
+            bn_param[key] = _fit(arrays[f"bn.{i}.{key}"], bn_param[key])
+    _restore_optimizer(group, arrays, meta["optimizer"])
+    for pair, states in zip(group.rngs, meta["rngs"], strict=True):
+        for generator, state in zip(pair, states, strict=True):
+            generator.bit_generator.state = state
+    for key in ("losses", "train_acc", "val_acc", "diverged_at", "best_val", "best_check"):
+        getattr(history, key)[...] = _fit(arrays[f"history.{key}"], getattr(history, key))
+    for key, value in history.best["params"].items():
+        value[...] = _fit(arrays[f"best.params.{key}"], value)
+    for i, (mean, var) in enumerate(history.best["stats"]):
+        mean[...] = _fit(arrays[f"best.stats.{i}.mean"], mean)
+        var[...] = _fit(arrays[f"best.stats.{i}.var"], var)
+    _restore_probes(group, probe, arrays, meta["probe"])
+    return reached
+
+
+def _restore_optimizer(group: _Group, arrays: dict, saved: dict) -> None:
+    """The update rules' moments and step counts, block by block."""
+    if set(saved) != set(group.updaters):
+        raise CheckpointError(f"optimizer parts {sorted(saved)} differ")
+    for name, updater in group.updaters.items():
+        w = group.params["W1"] if name == "W1" else group.flat
+        blocks = zip(updater.blocks, updater.states, saved[name], strict=True)
+        for b, (blk, state, entry) in enumerate(blocks):
+            for key in entry["arrays"]:
+                if key not in updater.state_arrays:
+                    raise CheckpointError(f"{key!r} is no state of {group.settings.update_rule}")
+                shape = w.shape if updater.whole else w[blk].shape
+                state[key] = _fit(arrays[f"opt.{name}.{b}.{key}"], shape, group.dtype)
+            if entry["t"] is not None:
+                state["t"] = int(entry["t"])
+
+
+def _restore_probes(group: _Group, probe: _Probes | None, arrays: dict, saved) -> None:
+    """The probe records so far and the parameters the next probed update ratio needs."""
+    if (probe is None) != (saved is None):
+        raise CheckpointError("probes were on in one and off in the other")
+    if probe is None:
+        return
+    if len(saved["layers"]) != group.K or len(saved["landscape"]) != group.K:
+        raise CheckpointError("probe records of another number of networks")
+    probe.layers = [{(r["iteration"], r["layer"]): r for r in net} for net in saved["layers"]]
+    probe.landscape = [list(net) for net in saved["landscape"]]
+    if len(saved["noise_rngs"]) != len(probe.noise_rngs):
+        raise CheckpointError("probe noise streams of another number of networks")
+    for generator, state in zip(probe.noise_rngs, saved["noise_rngs"], strict=True):
+        generator.bit_generator.state = state
+    probe.prev = None
+    if saved["prev"]:
+        template = _stacked_copy(group)
+        probe.prev = {key: _fit(arrays[f"probe.prev.{key}"], v) for key, v in template.items()}
