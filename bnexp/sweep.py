@@ -305,8 +305,21 @@ def _group_jobs(runs: Sequence[Run], todo: Sequence[int]) -> list[_GroupJob]:
     return jobs
 
 
-def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Callable[[str], None]):
-    """The experiment's splits (`bnexp.data.Splits`), plus the data source dict for the manifest."""
+def feature_dtype(runs: Sequence[Run]) -> str:
+    """The dtype the runs compute in when they all share one, else float64: the features are
+    loaded in it once (a float32 sweep holds no float64 copy) and shared by the workers."""
+    dtypes = {solver_settings(run.cfg).compute_np_dtype.name for run in runs}
+    return dtypes.pop() if len(dtypes) == 1 else "float64"
+
+
+def load_train_data(
+    cfg: ExperimentConfig,
+    data_dir: str | Path | None,
+    log: Callable[[str], None],
+    dtype: str = "float64",
+):
+    """The experiment's splits (`bnexp.data.Splits`) as `dtype` features, plus the data source
+    dict for the manifest."""
     from bnexp.data import load_splits, resolve_data_dir
 
     with warnings.catch_warnings(record=True) as caught:
@@ -320,6 +333,7 @@ def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Cal
             subtract_mean=cfg.data.subtract_mean,
             download_if_missing=True,
             progress=True,
+            dtype=dtype,
         )
     for warning in caught:
         log(f"note: {warning.message}")
@@ -447,7 +461,7 @@ def _train(exp: _Experiment, data, data_dir, jobs, force, progress, log, schedul
     """Load the data, check it is the data of OUT's finished runs, then train and record."""
     source = {"provided": "in-memory arrays"}
     if data is None:
-        data, source = load_train_data(exp.cfg, data_dir, log)
+        data, source = load_train_data(exp.cfg, data_dir, log, feature_dtype(exp.runs))
     earlier = records.read_manifest(exp.out, note=log)
     exp = _same_data(exp, source, earlier, force)
     # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
