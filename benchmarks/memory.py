@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE_PERIOD = 0.05
+SAMPLE_PERIOD = 0.1
 MB = 1e6
 
 

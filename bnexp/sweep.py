@@ -487,6 +487,7 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     data=None,
     scheduler: str | None = None,
+    draw: Callable[[Path], list[Path]] | None = None,
 ) -> ExperimentResult:
     """Train every run of `cfg` not finished in `out`, record it, and draw the figures.
 
@@ -504,6 +505,8 @@ def run_experiment(
         results are the same.
     data : already loaded splits with X_train, y_train, X_val, y_val, X_test, y_test (tests);
         skips loading from `data_dir`.
+    draw : what draws the figures of OUT (default `bnexp.plots.plot_results`), e.g. a
+        `bnexp.drawing.Drawer` that got matplotlib ready while the runs trained.
 
     When every run is already finished, no data is loaded and nothing is written (the figures
     are drawn only if OUT has none; `bnexp plot` redraws them).
@@ -530,9 +533,9 @@ def run_experiment(
     plots: list[Path] = []
     drawn = sorted((exp.out / "plots").glob("*.png"))
     if plot and summaries and (trained or not drawn):
-        from bnexp.plots import plot_results
-
-        plots = plot_results(exp.out)
+        if draw is None:
+            from bnexp.plots import plot_results as draw
+        plots = draw(exp.out)
     elif plot:
         plots = drawn  # nothing new to draw: an invocation that trains nothing writes nothing
     return ExperimentResult(
