@@ -12,6 +12,10 @@ cannot be avoided, measured on this machine:
 The two groups (batch norm, baseline) run on the two cores at once, so the floor is the larger
 group's sum of the two terms.
 
+The whole command with figures is compared with its own training time (the manifest's), and
+"figures beyond training" is what it takes beyond its training minus what the --no-plot command
+takes beyond its own.
+
 The *achievable* line replaces the GEMM peak by what one core reaches at the shapes the sweep
 actually multiplies (`product_kinds`: the wide first layer (50, 3072) @ (3072, 1000) and its
 weight gradient, the stacked 50 x 50 hidden products of 20 networks, the accuracy-check chunks),
@@ -149,8 +153,18 @@ def one_round(data_dir: str) -> dict:
         no_plot = timed_command([*base, "-o", f"{tmp}/a", "--no-plot"])
         train = json.loads(Path(f"{tmp}/a/manifest.json").read_text())["train_seconds"]
         whole = timed_command([*base, "-o", f"{tmp}/b"])
+        whole_train = json.loads(Path(f"{tmp}/b/manifest.json").read_text())["train_seconds"]
         plot = timed_command([sys.executable, "-m", "bnexp", "plot", f"{tmp}/b"])
-    return {"train": train, "no_plot": no_plot, "whole": whole, "plot": plot}
+    return {
+        "train": train,
+        "no_plot": no_plot,
+        "whole": whole,
+        "whole_train": whole_train,
+        # What the figures add beyond each command's own training (less sensitive to other
+        # work on the machine than the difference of two whole commands).
+        "drawing": (whole - whole_train) - (no_plot - train),
+        "plot": plot,
+    }
 
 
 def main() -> None:
@@ -185,8 +199,10 @@ def main() -> None:
           f"= {med['train'] / floor:.2f}x the floor, "
           f"{med['train'] / achievable:.2f}x the achievable")  # fmt: skip
     print(f"sweep-init --no-plot, process     {med['no_plot']:8.2f} s")
+    ratio = statistics.median(r["whole"] / r["whole_train"] for r in rounds)
     print(f"sweep-init with figures, process  {med['whole']:8.2f} s  "
-          f"= {med['whole'] / med['train']:.2f}x training")  # fmt: skip
+          f"= {ratio:.2f}x its own training")  # fmt: skip
+    print(f"figures beyond training           {med['drawing']:8.2f} s")
     print(f"bnexp plot on the folder, process {med['plot']:8.2f} s")
 
 

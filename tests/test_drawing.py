@@ -3,17 +3,29 @@ no temporary file or process left behind when drawing stops early."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from fakecifar import make_images, write_binary
 
 from bnexp import drawing, plots
 from bnexp.errors import OutputError
 
-SWEEP = Path(__file__).resolve().parent.parent / "results" / "weight_init_sweep"
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ROOT / "results" / "weight_init_sweep"
+#: A small sweep on generated data: 2 groups of 5 networks, 3 epochs.
+SMALL = [
+    "data.num_training=400", "data.num_validation=100", "data.num_test=50",
+    "data.num_train=200", "model.hidden_dims=[32, 32, 32]", "train.epochs=3",
+    "model.weight_scale={logspace: [-3, 0, 5]}",
+]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(not drawing.can_fork(), reason="needs fork and two CPUs")
 
@@ -105,3 +117,41 @@ def test_a_drawer_still_warming_up_stops_at_once():
         assert time.monotonic() - start < 3 * drawing.STOP_GRACE
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _matplotlib_imported(args: list[str], cwd: Path, env: dict | None = None) -> bool:
+    """Run `bnexp ARGS` in a fresh process; whether that process imported matplotlib."""
+    script = (
+        "import sys\n"
+        "from bnexp.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1] == "True"
+
+
+def test_show_never_imports_matplotlib(tmp_path):
+    """`bnexp show` prints a table: no second of matplotlib start-up."""
+    shutil.copytree(SWEEP, tmp_path / "out")
+    assert not _matplotlib_imported(["show", str(tmp_path / "out")], tmp_path)
+
+
+def test_a_sweep_draws_its_figures_in_the_drawer(tmp_path):
+    """The figures of a sweep appear, and its own process never imported matplotlib: the
+    drawer drew them (the same bytes as `bnexp plot`, which draws them in its process)."""
+    x, y, xt, yt = make_images(np.random.default_rng(1), 5 * 100, 60)
+    data_dir = write_binary(tmp_path / "cifar", x, y, xt, yt, n_batch=100)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    args = ["sweep-init", "-o", str(tmp_path / "out"), "--data-dir", str(data_dir), *SMALL]
+    assert not _matplotlib_imported(args, tmp_path, env)
+    drawn = figure_bytes(tmp_path / "out")
+    assert sorted(drawn) == ["training_curves.png", "weight_init_sweep.png"]
+    plots.plot_results(tmp_path / "out")
+    assert figure_bytes(tmp_path / "out") == drawn
