@@ -1,11 +1,13 @@
-"""Time `bnexp plot` on a result folder as a whole process (Python start-up and imports included).
+"""Time `bnexp plot` and `bnexp show` on a result folder as whole processes (Python start-up and
+imports included).
 
 The folder is copied to a temporary directory first (never written in place), once per source
 tree, and each row runs ``python -m bnexp plot COPY`` with PYTHONPATH set to its tree. Runs are
 interleaved (A B A B ...) so that a machine shared with other work slows every row alike. The
 table prints the median and the fastest wall time and the median CPU time (user + system) of
-each row; a reference row times ``python -c "import matplotlib.figure"``, the start-up every
-figure pays.
+each row (children included: `bnexp plot` draws one figure in a forked process). Reference rows
+time ``python -c pass`` (the interpreter's start) and ``python -c "import matplotlib.figure"``,
+the start-up every figure pays: together with reading the records they bound `bnexp plot`.
 
 Usage: ``python benchmarks/plot_speed.py [RESULT_DIR] [--runs N] [--compare NAME=SRC_DIR ...]``.
 RESULT_DIR defaults to results/weight_init_sweep (the default sweep, 40 runs). ``--compare``
@@ -64,13 +66,17 @@ def rows_to_time(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[list[st
         name, _, src = item.partition("=")
         trees.append((name, Path(src).resolve()))
     floor = [sys.executable, "-c", *MATPLOTLIB_IMPORT]
-    rows = {"matplotlib import only": (floor, dict(os.environ))}
+    rows = {
+        "python start only": ([sys.executable, "-c", "pass"], dict(os.environ)),
+        "matplotlib import only": (floor, dict(os.environ)),
+    }
     for i, (name, src) in enumerate(trees):
         copy = tmp / f"result{i}"
         shutil.copytree(args.result_dir, copy)
         shutil.rmtree(copy / "plots", ignore_errors=True)
         env = {**os.environ, "PYTHONPATH": str(src)}
         rows[f"bnexp plot ({name})"] = (plot_command(copy), env)
+        rows[f"bnexp show ({name})"] = ([sys.executable, "-m", "bnexp", "show", str(copy)], env)
     return rows
 
 
@@ -85,11 +91,11 @@ def main() -> None:
             for name, (cmd, env) in rows.items():
                 times[name].append(timed(cmd, env))
     print(f"{Path(args.result_dir).name}: {args.runs} interleaved runs each, {os.cpu_count()} CPUs")
-    print(f"{'':28}  {'median s':>8}  {'fastest s':>9}  {'median CPU s':>12}")
+    print(f"{'':32}  {'median s':>8}  {'fastest s':>9}  {'median CPU s':>12}")
     for name, samples in times.items():
         walls, cpus = [w for w, _ in samples], [c for _, c in samples]
         print(
-            f"{name:28}  {statistics.median(walls):8.2f}  {min(walls):9.2f}  "
+            f"{name:32}  {statistics.median(walls):8.2f}  {min(walls):9.2f}  "
             f"{statistics.median(cpus):12.2f}"
         )
 

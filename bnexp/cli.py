@@ -217,6 +217,19 @@ def default_output_dir(cfg, overrides) -> Path:
     return Path("results") / f"{cfg.name}-{digest}"
 
 
+@contextlib.contextmanager
+def _drawer(wanted: bool):
+    """A `bnexp.drawing.Drawer` that readies matplotlib on a core training leaves idle while the
+    runs train, when the figures are wanted and a second core exists; else None (draw here)."""
+    from bnexp import drawing
+
+    if not wanted or not drawing.can_fork():
+        yield None
+        return
+    with drawing.Drawer() as drawer:
+        yield drawer
+
+
 def _run(command_name, config_path, out, data_dir, jobs, scheduler, force, no_plot, overrides):
     """Load the config, run the experiment, print the summary table and where things are."""
 
@@ -230,16 +243,18 @@ def _run(command_name, config_path, out, data_dir, jobs, scheduler, force, no_pl
         click.echo(f"output: {out}", err=True)
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    result = run_experiment(
-        cfg,
-        out,
-        data_dir=data_dir,
-        jobs=jobs,
-        force=force,
-        plot=not no_plot,
-        log=lambda message: click.echo(message, err=True),
-        scheduler=scheduler,
-    )
+    with _drawer(not no_plot) as drawer:
+        result = run_experiment(
+            cfg,
+            out,
+            data_dir=data_dir,
+            jobs=jobs,
+            force=force,
+            plot=not no_plot,
+            log=lambda message: click.echo(message, err=True),
+            scheduler=scheduler,
+            draw=drawer and drawer.plot_results,
+        )
     click.echo(summary_table(result.summaries))
     click.echo(
         f"\n{result.trained} runs trained, {result.skipped} already finished; "

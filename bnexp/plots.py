@@ -40,7 +40,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator, NullLocator
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
-from bnexp import records, report
+from bnexp import drawing, records, report
 from bnexp.errors import OutputError
 
 CHANCE_ACC = 0.1  # 10 CIFAR-10 classes
@@ -883,14 +883,28 @@ def plot_results(
     formats = _check_formats(formats)
     summaries, expected = records.read_current_summaries(out, "plot")
     folder = _plots_folder(out)
-    paths = save_figure(
-        build_curves_figure(summaries, expected), folder, "training_curves", formats
-    )
     x_key = sweep_axis(summaries, x)
+    sweep = None
     if x_key is not None:
-        fig = build_sweep_figure(summaries, expected, x_key, sweep_hue(summaries, hue, x_key))
+        hue_key = sweep_hue(summaries, hue, x_key)
         stem = SWEEP_STEMS.get(x_key, "sweep_" + x_key.replace(".", "_"))
-        paths += save_figure(fig, folder, stem, formats)
+
+        def sweep() -> list[Path]:
+            fig = build_sweep_figure(summaries, expected, x_key, hue_key)
+            return save_figure(fig, folder, stem, formats)
+
+    # The sweep figure in a forked process while this one draws the curves: two cores, and
+    # each figure is the same bytes whichever process draws it.
+    other = drawing.Forked(sweep) if sweep is not None and drawing.can_fork() else None
+    try:
+        paths = save_figure(
+            build_curves_figure(summaries, expected), folder, "training_curves", formats
+        )
+        if sweep is not None:
+            paths += other.result() if other is not None else sweep()
+    finally:
+        if other is not None:
+            other.kill()  # only if it is still running: this process stopped early
     from bnexp.probe_plots import save_probe_figures  # it imports this module's helpers
 
     probed = records.read_probe_records(out, report.with_axes(summaries))  # with normalization
@@ -899,3 +913,19 @@ def plot_results(
 
     paths += save_bn_eval_figure(folder, summaries, formats)  # with train.bn_eval_all only
     return paths
+
+
+def warm_up() -> None:
+    """Draw a small throw-away figure with a log axis into memory: it loads the fonts and builds
+    the mathtext parser (the log tick labels), a third of a second the first figure would
+    otherwise pay."""
+    import io
+
+    fig = Figure(figsize=(2, 2))
+    ax = fig.subplots()
+    ax.plot([1e-4, 1.0], [0.1, 0.5], marker="o", label="warm-up")
+    ax.set_xscale("log")
+    _mathtext_log_ticks(ax.xaxis)
+    ax.set_title("warm-up")
+    fig.legend(fontsize=8)
+    fig.savefig(io.BytesIO(), format="png", dpi=DPI, pil_kwargs={"compress_level": 3})

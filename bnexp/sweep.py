@@ -341,8 +341,21 @@ def _checkpointed(jobs: list[_GroupJob], exp, data, source: dict, seconds) -> li
     return with_checkpoints
 
 
-def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Callable[[str], None]):
-    """The experiment's splits (`bnexp.data.Splits`), plus the data source dict for the manifest."""
+def feature_dtype(runs: Sequence[Run]) -> str:
+    """The dtype the runs compute in when they all share one, else float64: the features are
+    loaded in it once (a float32 sweep holds no float64 copy) and shared by the workers."""
+    dtypes = {solver_settings(run.cfg).compute_np_dtype.name for run in runs}
+    return dtypes.pop() if len(dtypes) == 1 else "float64"
+
+
+def load_train_data(
+    cfg: ExperimentConfig,
+    data_dir: str | Path | None,
+    log: Callable[[str], None],
+    dtype: str = "float64",
+):
+    """The experiment's splits (`bnexp.data.Splits`) as `dtype` features, plus the data source
+    dict for the manifest."""
     from bnexp.data import load_splits, resolve_data_dir
 
     with warnings.catch_warnings(record=True) as caught:
@@ -356,6 +369,7 @@ def load_train_data(cfg: ExperimentConfig, data_dir: str | Path | None, log: Cal
             subtract_mean=cfg.data.subtract_mean,
             download_if_missing=True,
             progress=True,
+            dtype=dtype,
         )
     for warning in caught:
         log(f"note: {warning.message}")
@@ -532,7 +546,7 @@ def _train(exp: _Experiment, data, data_dir, force, log, options: dict) -> int:
     """Load the data, check it is the data of OUT's finished runs, then train and record."""
     source = {"provided": "in-memory arrays"}
     if data is None:
-        data, source = load_train_data(exp.cfg, data_dir, log)
+        data, source = load_train_data(exp.cfg, data_dir, log, feature_dtype(exp.runs))
     earlier = records.read_manifest(exp.out, note=log)
     exp = _same_data(exp, source, earlier, force)
     # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
@@ -560,6 +574,7 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     data=None,
     scheduler: str | None = None,
+    draw: Callable[[Path], list[Path]] | None = None,
 ) -> ExperimentResult:
     """Train every run of `cfg` not finished in `out`, record it, and draw the figures.
 
@@ -577,6 +592,8 @@ def run_experiment(
         results are the same.
     data : already loaded splits with X_train, y_train, X_val, y_val, X_test, y_test (tests);
         skips loading from `data_dir`.
+    draw : what draws the figures of OUT (default `bnexp.plots.plot_results`), e.g. a
+        `bnexp.drawing.Drawer` that got matplotlib ready while the runs trained.
 
     When every run is already finished, no data is loaded and nothing is written but a changed
     claim in OUT/config.yaml (the figures are drawn only if OUT has none; `bnexp plot` redraws
@@ -614,9 +631,9 @@ def run_experiment(
     plots: list[Path] = []
     drawn = sorted((exp.out / "plots").glob("*.png"))
     if plot and summaries and (trained or not drawn):
-        from bnexp.plots import plot_results
-
-        plots = plot_results(exp.out)
+        if draw is None:
+            from bnexp.plots import plot_results as draw
+        plots = draw(exp.out)
     elif plot:
         plots = drawn  # nothing new to draw: an invocation that trains nothing writes nothing
     return ExperimentResult(
