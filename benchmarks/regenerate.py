@@ -7,10 +7,11 @@ command for every folder, one after another with the default ``--jobs``, with ``
 folder comes from ``--data-dir`` or ``BNEXP_DATA_DIR`` (a recorded ``--data-dir`` names only the
 folder, never its path, so it is replaced).
 
-With ``--into`` another folder (the default is a fresh temporary one), the shipped results are
-left alone and each regenerated ``results.csv`` is compared with the committed one, every column
-but ``seconds`` (the only column that depends on the machine's load): ``same`` or the number of
-differing rows. ``--into results`` regenerates the shipped results in place.
+By default the folders are written to a fresh temporary folder and the shipped results are left
+alone; ``--into results`` regenerates the shipped results in place (from a clean checkout, so
+their manifests name a commit). Either way each new ``results.csv`` is compared with the shipped
+one, every column but ``seconds`` (the only column that depends on the machine's load): ``same``,
+or how many rows differ and in which columns.
 
 Usage: ``BNEXP_DATA_DIR=... python benchmarks/regenerate.py [--into DIR] [NAME ...]``
 """
@@ -40,18 +41,19 @@ def recorded_command(folder: Path) -> list[str]:
             skip = False
         elif arg in ("--data-dir", "-o", "--out"):
             skip = True
-        elif not arg.startswith(("--data-dir=", "--out=")):
+        elif arg != "--force" and not arg.startswith(("--data-dir=", "--out=")):
             kept.append(arg)
     return kept
 
 
-def rows_without_seconds(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+def rows_without_seconds(text: str) -> list[dict]:
+    rows = csv.DictReader(text.splitlines())
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-def compare(shipped: Path, regenerated: Path) -> str:
-    """``same`` when every row agrees in every column but ``seconds``, else what differs."""
+def compare(shipped: str, regenerated: str) -> str:
+    """``same`` when every row of two results.csv texts agrees in every column but ``seconds``,
+    else what differs."""
     old, new = rows_without_seconds(shipped), rows_without_seconds(regenerated)
     if len(old) != len(new) or (old and old[0].keys() != new[0].keys()):
         return "different columns or row count"
@@ -64,15 +66,17 @@ def compare(shipped: Path, regenerated: Path) -> str:
 
 def regenerate(name: str, into: Path, data_dir: str) -> tuple[float, str]:
     """Re-run one folder's recorded command into ``into/name``; its seconds and comparison."""
-    args = [*recorded_command(RESULTS / name), "--force", "-o", str(into / name)]
+    shipped = (RESULTS / name / "results.csv").read_text()
+    in_place = into.resolve() == RESULTS.resolve()
+    # In place, the default OUT (results/<name>) keeps the recorded command as it was.
+    out = [] if in_place else ["-o", str(into / name)]
+    args = [*recorded_command(RESULTS / name), "--force", *out]
     env = {**os.environ, "BNEXP_DATA_DIR": data_dir}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bnexp", *args], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL)  # fmt: skip
     seconds = time.perf_counter() - start
-    if into.resolve() == RESULTS.resolve():
-        return seconds, "in place"
-    return seconds, compare(RESULTS / name / "results.csv", into / name / "results.csv")
+    return seconds, compare(shipped, (into / name / "results.csv").read_text())
 
 
 def main() -> None:
