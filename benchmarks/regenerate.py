@@ -2,8 +2,8 @@
 
 Each folder under ``results/`` records in its ``manifest.json`` the command that made it (for
 example ``bnexp sweep-init -c configs/gradient_flow.yaml``). This script re-runs exactly that
-command for every folder, one after another with the default ``--jobs``, with ``--force`` and
-``-o INTO/<name>``, and prints a table of the whole-process seconds of each and their sum. The data
+command for every folder into a fresh ``INTO/<name>``, one after another with the default
+``--jobs``, and prints a table of the whole-process seconds of each and their sum. The data
 folder comes from ``--data-dir`` or ``BNEXP_DATA_DIR`` (a recorded ``--data-dir`` names only the
 folder, never its path, so it is replaced).
 
@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ def recorded_command(folder: Path) -> list[str]:
             skip = False
         elif arg in ("--data-dir", "-o", "--out"):
             skip = True
-        elif arg != "--force" and not arg.startswith(("--data-dir=", "--out=")):
+        elif not arg.startswith(("--data-dir=", "--out=")):
             kept.append(arg)
     return kept
 
@@ -65,18 +66,34 @@ def compare(shipped: str, regenerated: str) -> str:
 
 
 def regenerate(name: str, into: Path, data_dir: str) -> tuple[float, str]:
-    """Re-run one folder's recorded command into ``into/name``; its seconds and comparison."""
+    """Re-run one folder's recorded command into a fresh ``into/name``; its seconds and how its
+    results.csv compares with the shipped one."""
     shipped = (RESULTS / name / "results.csv").read_text()
+    out = into / name
+    # A finished folder trains nothing again (not even with --force, which only lets another
+    # config in), so the command always writes a fresh folder. In place, the old one is set
+    # aside and put back if the command fails; the default OUT (results/<name>) keeps the
+    # recorded command as it was.
     in_place = into.resolve() == RESULTS.resolve()
-    # In place, the default OUT (results/<name>) keeps the recorded command as it was.
-    out = [] if in_place else ["-o", str(into / name)]
-    args = [*recorded_command(RESULTS / name), "--force", *out]
+    aside = RESULTS / f".{name}.old"
+    if in_place:
+        out.rename(aside)
+    args = recorded_command(RESULTS / name if not in_place else aside)
+    args += [] if in_place else ["-o", str(out)]
     env = {**os.environ, "BNEXP_DATA_DIR": data_dir}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bnexp", *args], check=True, cwd=ROOT, env=env,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        subprocess.run([sys.executable, "-m", "bnexp", *args], check=True, cwd=ROOT, env=env,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    except BaseException:
+        if in_place:
+            shutil.rmtree(out, ignore_errors=True)
+            aside.rename(out)
+        raise
     seconds = time.perf_counter() - start
-    return seconds, compare(shipped, (into / name / "results.csv").read_text())
+    if in_place:
+        shutil.rmtree(aside)
+    return seconds, compare(shipped, (out / "results.csv").read_text())
 
 
 def main() -> None:
