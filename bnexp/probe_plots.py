@@ -206,7 +206,9 @@ def gradient_flow_figure(layer_records: Sequence[dict], scales=None) -> Figure:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("gradient norm ||dL/dW|| (probe batch)")
-    fig.suptitle("Gradient flow: weight-gradient norm per layer, start and end of training")
+    # One panel is too narrow for the title on one line (it was cut at both sides).
+    sep = "\n" if len(axes) == 1 else " "
+    fig.suptitle(f"Gradient flow: weight-gradient norm per layer,{sep}start and end of training")
     return fig
 
 
