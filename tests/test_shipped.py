@@ -82,3 +82,12 @@ def test_readme_figures_are_redrawn_byte_for_byte_from_the_records(name, tmp_pat
     for figure in _readme_figures()[name]:
         shipped = (RESULTS / name / "plots" / figure).read_bytes()
         assert (copy / "plots" / figure).read_bytes() == shipped, figure
+
+
+def test_the_shipped_report_is_what_bnexp_report_writes_from_the_records(tmp_path, monkeypatch):
+    from bnexp.html_report import write_report
+
+    monkeypatch.chdir(ROOT)  # the report names folders as `bnexp report` run from the root does
+    written, count = write_report((), tmp_path / "report.html")
+    assert count == len(FOLDERS)
+    assert written.read_bytes() == (RESULTS / "report.html").read_bytes()
