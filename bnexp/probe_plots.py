@@ -93,16 +93,18 @@ def _closest_scale(records: Sequence[dict], scale: float | None) -> float | None
     return min(values, key=lambda s: abs(math.log(s / target)))
 
 
+def _at_scale(record: dict, scale: float | None) -> bool:
+    """Whether a record belongs to weight scale `scale` (every record when None or unrecorded)."""
+    recorded = record.get("weight_scale")
+    return scale is None or not recorded or math.isclose(float(recorded), scale)
+
+
 def _runs_by_kind(records: Sequence[dict], scale: float | None) -> dict[str, list[dict]]:
     """Records of one run per normalisation kind (the first run of each at that scale)."""
     chosen: dict[str, object] = {}
     out: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        if (
-            scale is not None
-            and r.get("weight_scale")
-            and not math.isclose(float(r["weight_scale"]), scale)
-        ):
+        if not _at_scale(r, scale):
             continue
         kind = norm_kind(r)
         key = chosen.setdefault(kind, _run_key(r))
@@ -117,11 +119,7 @@ def _replicates(records: Sequence[dict], scale: float | None) -> dict[str, list[
     out: dict[str, dict[object, list[dict]]] = defaultdict(dict)
     rate: dict[str, object] = {}
     for r in records:
-        if (
-            scale is not None
-            and r.get("weight_scale")
-            and not math.isclose(float(r["weight_scale"]), scale)
-        ):
+        if not _at_scale(r, scale):
             continue
         kind = norm_kind(r)
         if rate.setdefault(kind, r.get("learning_rate")) != r.get("learning_rate"):
