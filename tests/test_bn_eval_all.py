@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 from fakecifar import learnable_splits
+from small import solver_settings
 
 from bnexp import eval_plots, plots, records, report, sweep
 from bnexp.config import load_config
@@ -23,20 +24,7 @@ def data():
 
 
 def _settings(**kw) -> SolverSettings:
-    base = dict(
-        epochs=2,
-        batch_size=20,
-        update_rule="adam",
-        learning_rate=3e-3,
-        lr_decay=1.0,
-        bn_eval="running",
-        bn_momentum=0.9,
-        bn_eps=1e-5,
-        reg=0.0,
-        dtype="float32",
-        loss_window=5,
-    )
-    return SolverSettings(**{**base, **kw})
+    return solver_settings(**{"learning_rate": 3e-3, "lr_decay": 1.0, **kw})
 
 
 def _members(spec, solver, seeds, scales=(2e-2, 5e-2, 1e-1)):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fakecifar import make_learnable_images, write_binary
+from small import TINY_OVERRIDES
 
 from bnexp import config as C
 from bnexp.cli import main
@@ -18,14 +19,7 @@ from bnexp.errors import ConfigError
 from bnexp.yamlfile import parse_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SMALL = [
-    "data.num_training=400",
-    "data.num_validation=100",
-    "data.num_test=50",
-    "data.num_train=200",
-    "model.hidden_dims=[16, 16]",
-    "train.epochs=2",
-]
+SMALL = TINY_OVERRIDES
 
 
 def invoke(*args):

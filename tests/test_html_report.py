@@ -23,18 +23,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fakecifar import make_learnable_images, write_binary
+from small import TINY_OVERRIDES
 
 from bnexp.cli import main
 from bnexp.records import read_manifest
 
-SMALL = [
-    "data.num_training=400",
-    "data.num_validation=100",
-    "data.num_test=50",
-    "data.num_train=200",
-    "model.hidden_dims=[16, 16]",
-    "train.epochs=2",
-]
+SMALL = TINY_OVERRIDES
 CLAIM = 'BN <wins> & "more"'
 # Elements without an end tag in HTML.
 VOID = {"meta", "img", "br", "hr", "input", "link", "source", "col", "area", "base", "wbr"}

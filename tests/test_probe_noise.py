@@ -5,12 +5,13 @@ stream, and training is the same bit for bit with probes on or off."""
 import numpy as np
 import pytest
 from fakecifar import learnable_splits
+from small import solver_settings
 
 from bnexp import model, probes
 from bnexp.model import NetSpec, StepDraws
 from bnexp.plan import numpy_plan, step_generators
 from bnexp.probes import ProbeSettings
-from bnexp.train import Member, SolverSettings, train_group
+from bnexp.train import Member, train_group
 
 EPS = 1e-5
 K = 3
@@ -136,20 +137,7 @@ def data():
 
 
 def _solver(**kw):
-    base = dict(
-        epochs=2,
-        batch_size=20,
-        update_rule="adam",
-        learning_rate=1e-3,
-        lr_decay=1.0,
-        bn_eval="running",
-        bn_momentum=0.9,
-        bn_eps=1e-5,
-        reg=0.0,
-        dtype="float64",
-        loss_window=5,
-    )
-    return SolverSettings(**{**base, **kw})
+    return solver_settings(**{"lr_decay": 1.0, "dtype": "float64", **kw})
 
 
 def _members(spec, data, solver, seeds):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fakecifar import learnable_splits
+from small import solver_settings
 
 from bnexp import model, plots, probes, records, sweep
 from bnexp.cli import main
@@ -46,20 +47,7 @@ def run(cfg, out, data, **kw):
 
 
 def settings(**kw) -> SolverSettings:
-    base = dict(
-        epochs=2,
-        batch_size=20,
-        update_rule="adam",
-        learning_rate=1e-3,
-        lr_decay=0.9,
-        bn_eval="running",
-        bn_momentum=0.9,
-        bn_eps=1e-5,
-        reg=0.0,
-        dtype="float32",
-        loss_window=5,
-    )
-    return SolverSettings(**{**base, **kw})
+    return solver_settings(**kw)
 
 
 def group(spec, data, seeds, scales, lrs, solver):
