@@ -28,7 +28,13 @@ import time
 from pathlib import Path
 
 from bnexp.errors import OutputError
-from bnexp.executor import _die_with_parent, _picklable
+from bnexp.executor import (
+    _die_with_parent,
+    _picklable,
+    block_stop_signals,
+    restore_signals,
+    unblock_stop_signals,
+)
 
 #: Niceness of the drawer while it warms up: it runs only on a core training leaves idle.
 WARM_UP_NICENESS = 19
@@ -50,32 +56,13 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _block_stop_signals():
-    """Block SIGINT and SIGTERM before a fork; returns the mask to restore in the parent. The
-    child starts with them blocked, so that a signal arriving before `_become_helper` waits for
-    the child's own handlers (the parent's handler would unwind the parent's code in the child).
-    """
-    if hasattr(signal, "pthread_sigmask"):
-        return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    return None
-
-
-def _restore_signals(previous) -> None:
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _become_helper(parent_pid: int) -> None:
     """A child's set-up: die with the parent, leave Ctrl-C to it, and stop on SIGTERM as on an
     interrupt, so that the figure being written leaves no temporary file behind."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    unblock_stop_signals()
 
 
 class Forked:
@@ -85,10 +72,10 @@ class Forked:
     def __init__(self, task):
         parent_pid = os.getpid()
         read_end, write_end = os.pipe()
-        previous = _block_stop_signals()
+        previous = block_stop_signals()
         pid = os.fork()
         if pid != 0:  # the child keeps them blocked until its handlers are set
-            _restore_signals(previous)
+            restore_signals(previous)
         else:  # the child: run the task, send the outcome, exit without clean-up
             try:
                 _become_helper(parent_pid)
@@ -192,11 +179,11 @@ class Drawer:
         self.process = context.Process(
             target=_serve, args=(child_end, os.getpid()), name="bnexp-drawer", daemon=True
         )
-        previous = _block_stop_signals()
+        previous = block_stop_signals()
         try:
             self.process.start()
         finally:  # only the parent returns from start()
-            _restore_signals(previous)
+            restore_signals(previous)
         child_end.close()
 
     def plot_results(self, out: str | Path) -> list[Path]:

@@ -69,6 +69,35 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="bnexp-parent-watch", daemon=True).start()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def block_stop_signals():
+    """Block SIGINT and SIGTERM around a fork; returns the mask to restore in the parent.
+
+    In the parent, a signal that arrived during os.fork() would run its handler inside the
+    after-fork callbacks (logging's lock release), where the exception is printed as "ignored"
+    and the signal is lost; blocked, it waits until `restore_signals`. The child starts with them
+    blocked, so that one arriving before its own handlers are set waits for them (the parent's
+    handler would unwind the parent's code in the child); it calls `unblock_stop_signals`.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    return None
+
+
+def restore_signals(previous) -> None:
+    """Undo `block_stop_signals` (a pending signal is handled right after)."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def unblock_stop_signals() -> None:
+    """In a forked child, once its own handlers are set: let SIGINT and SIGTERM in."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def _init_worker(parent_pid: int) -> None:
     """Worker set-up: die with the parent, leave Ctrl-C and SIGTERM to it, one BLAS thread."""
     _die_with_parent(parent_pid)
@@ -77,6 +106,7 @@ def _init_worker(parent_pid: int) -> None:
     # inherited under fork; a worker must simply die on SIGTERM, which is how it is stopped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    unblock_stop_signals()  # blocked by the parent across the fork (`_run_in_workers`)
     # One BLAS thread: N workers use N cores, and OpenBLAS float32 GEMM gives other bits with
     # more threads.
     threadpool_limits(limits=1, user_api="blas")
@@ -140,7 +170,8 @@ class _Worker:
 
 
 def _start_worker(context, data) -> _Worker:
-    """Start one worker; under fork it inherits `data` without pickling it."""
+    """Start one worker; under fork it inherits `data` without pickling it. Call it with the
+    stop signals blocked (`block_stop_signals`)."""
     parent_end, child_end = context.Pipe()
     process = context.Process(
         target=_worker_main, args=(child_end, data, os.getpid()), name="bnexp-worker", daemon=True
@@ -197,7 +228,13 @@ def _run_in_workers(jobs: Sequence, data, n_jobs: int, progress: _Progress):
     finished = False
     try:
         context = _context()
-        workers = [_start_worker(context, data) for _ in range(min(n_jobs, len(jobs)))]
+        # Blocked until every worker is in `workers`: a signal then stops them all below.
+        previous = block_stop_signals()
+        try:
+            for _ in range(min(n_jobs, len(jobs))):
+                workers.append(_start_worker(context, data))
+        finally:
+            restore_signals(previous)
         for worker in workers:
             _give_job(worker, jobs, todo)
         while busy := [w for w in workers if w.key is not None]:

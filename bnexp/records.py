@@ -32,11 +32,11 @@ import json
 import math
 import os
 import platform
+import secrets
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,22 +137,26 @@ def atomic_write(
     Raises OutputError naming the file, with `fix` as the advice, when it cannot be written.
     """
     path = Path(path)
-    tmp = None
+    # The name is known before the file exists, so a signal at any point (Ctrl-C and SIGTERM
+    # unwind as exceptions) finds it in `tmp` and the finally clause removes it; with mkstemp
+    # a signal between the file's creation and the name's return would leak it.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.fchmod(fd, _new_file_mode(path))
         finally:
             os.close(fd)
         write(tmp)
         os.replace(tmp, path)
+    except FileExistsError:  # another writer's temporary has this name (1 in 2**64): not ours
         tmp = None
+        raise OutputError(f"{path}: cannot write (temporary name taken); try again") from None
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); {fix}") from None
     finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # gone already after os.replace
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -618,6 +618,9 @@ def run_experiment(
     # One process per OUT: a second one stops with one line naming the holder (exit 4).
     with records.output_lock(out):
         exp = _survey(cfg, out, force)
+        # At once: a signal during the data loading below must not find a killed process's
+        # temporaries still there (they would look like this process's own leftovers).
+        records.clean_stale_temporaries(exp.out)
         skipped, trained = len(exp.runs) - len(exp.todo), 0
         if skipped:
             log(f"resuming: {skipped} of {len(exp.runs)} runs already finished in {exp.out}")
