@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnexp import fused
+
 
 def _prepare(name: str, w: np.ndarray, dw: np.ndarray, state: dict | None, defaults: dict):
     """Check shapes, fill defaults; return (state copy, compute dtype, dw in it, learning rate)."""
@@ -193,6 +195,9 @@ def _adam_inplace(w, dw, state, defaults, scratch):
     beta1, beta2, eps = float(state["beta1"]), float(state["beta2"]), float(state["epsilon"])
     m, v = state["m"], state["v"]
     t = int(state["t"]) + 1
+    state["t"] = t
+    if fused.adam(w, dw, m, v, lr, beta1, beta2, eps, t):  # the same bits, in one pass
+        return w, state
     m *= beta1
     np.multiply(1 - beta1, dw, out=a)
     m += a
@@ -207,7 +212,6 @@ def _adam_inplace(w, dw, state, defaults, scratch):
     b += eps
     a /= b
     w -= a
-    state["t"] = t
     return w, state
 
 

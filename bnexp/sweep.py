@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnexp import checkpoint, records
+from bnexp import checkpoint, fused, records
 from bnexp.config import (
     INPUT_DIM,
     NUM_CLASSES,
@@ -348,6 +348,18 @@ def feature_dtype(runs: Sequence[Run]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float64"
 
 
+def warm_up_kernels(runs: Sequence[Run]) -> None:
+    """Compile (or load) the fused Adam kernel once here, before workers are forked, for the
+    dtypes the Adam runs compute in (`bnexp.fused`; nothing without numba)."""
+    settings = [solver_settings(run.cfg) for run in runs]
+    dtypes = {s.compute_np_dtype.name for s in settings if s.update_rule == "adam"}
+    # Held: numba's import and cache loading (about a second) are not safe to unwind halfway
+    # (a signal raised inside them was seen printed as "ignored" and lost); held, it acts as
+    # soon as the kernel is ready.
+    with _signals_held():
+        fused.warm_up(sorted(dtypes))
+
+
 def load_train_data(
     cfg: ExperimentConfig,
     data_dir: str | Path | None,
@@ -547,6 +559,7 @@ def _train(exp: _Experiment, data, data_dir, force, log, options: dict) -> int:
     source = {"provided": "in-memory arrays"}
     if data is None:
         data, source = load_train_data(exp.cfg, data_dir, log, feature_dtype(exp.runs))
+    warm_up_kernels(exp.runs)
     earlier = records.read_manifest(exp.out, note=log)
     exp = _same_data(exp, source, earlier, force)
     # Written only once the data has loaded: a data error must not leave an OUT/config.yaml

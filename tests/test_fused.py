@@ -1,0 +1,130 @@
+"""The compiled Adam kernel (`bnexp.fused`) gives the NumPy formulas' bits, or steps aside.
+
+The reference is the NumPy path of `optim.adam` itself, run with the kernel turned off
+(BNEXP_FUSED=0): the kernel promises the same operations in the same order and dtype, so every
+comparison here is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from bnexp import fused, optim, plan, train
+from bnexp.config import load_config
+from bnexp.data import Splits
+from bnexp.model import NetSpec
+from bnexp.sweep import solver_settings
+
+pytest.importorskip("numba", reason="the fused kernel needs numba (the 'fast' extra)")
+
+
+def _adam_steps(w0, grads, lr, *, use_kernel: bool, monkeypatch):
+    """w, m, v after len(grads) in-place Adam steps from w0 (kernel on or off)."""
+    monkeypatch.setenv(fused.ENV_FUSED, "1" if use_kernel else "0")
+    w, state = w0.copy(), {"learning_rate": lr}
+    for g in grads:
+        optim.adam(w, g, state, inplace=True)
+    return w, state["m"], state["v"]
+
+
+# (w shape, learning-rate shape or None for a Python float): the layouts the training loop uses.
+LAYOUTS = [
+    ((6, 7), None),  # one rate
+    ((3, 4, 5), (3,)),  # per network of a (K, D, M) stack
+    ((4, 9), (4, 1)),  # per network of the flat (K, P) parameters
+    ((5, 12), (1, 12)),  # per column of the wide first layer (3072, K * H)
+    ((2, 3, 4, 5), (2, 3)),  # two leading network axes
+    ((11,), None),  # one axis
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "lr_shape"), LAYOUTS)
+def test_kernel_gives_the_numpy_bits(monkeypatch, dtype, shape, lr_shape):
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal(shape).astype(dtype)
+    # Gradients over many magnitudes, with exact zeros (v stays 0 there: eps alone divides).
+    grads = [
+        (rng.standard_normal(shape) * 10.0 ** rng.integers(-8, 2, shape)).astype(dtype)
+        for _ in range(5)
+    ]
+    grads[1][..., 0] = 0
+    lr = 1e-3 if lr_shape is None else rng.uniform(1e-4, 1e-1, lr_shape)
+    with_kernel = _adam_steps(w0, grads, lr, use_kernel=True, monkeypatch=monkeypatch)
+    reference = _adam_steps(w0, grads, lr, use_kernel=False, monkeypatch=monkeypatch)
+    for got, want in zip(with_kernel, reference, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(with_kernel[0], w0)  # the step did something
+
+
+def test_kernel_runs_where_it_should_and_steps_aside_elsewhere(monkeypatch):
+    monkeypatch.setenv(fused.ENV_FUSED, "1")
+    a = np.ones((4, 6), np.float32)
+
+    def step(w, lr=1e-3, **arrays):
+        dw, m, v = (arrays.get(k, np.ones_like(w)) for k in ("dw", "m", "v"))
+        return fused.adam(w, dw, m, v, lr, 0.9, 0.999, 1e-8, 1)
+
+    assert step(a.copy())
+    assert step(a.copy(), lr=np.full((4, 1), 1e-3))
+    assert step(a.copy(), lr=np.full((1, 6), 1e-3))
+    # A rate that varies along both axes, a strided view, mixed dtypes, integers: NumPy's job.
+    assert not step(a.copy(), lr=np.full((4, 6), 1e-3))
+    assert not step(np.ones((4, 12), np.float32)[:, ::2])
+    assert not step(a.copy(), dw=np.ones((4, 6)))
+    assert not step(np.ones((4, 6), np.int64))
+    monkeypatch.setenv(fused.ENV_FUSED, "0")
+    assert not fused.enabled() and not step(a.copy())
+
+
+def test_nan_in_one_network_stays_there(monkeypatch):
+    monkeypatch.setenv(fused.ENV_FUSED, "1")
+    w = np.ones((3, 4), np.float32)
+    g = np.full((3, 4), 0.5, np.float32)
+    g[1, 2] = np.nan
+    optim.adam(w, g, {"learning_rate": np.full((3, 1), 1e-2)}, inplace=True)
+    assert np.isnan(w[1, 2]) and np.isfinite(np.delete(w.ravel(), 6)).all()
+
+
+def _tiny_data(dim=30, classes=4):
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((dim, classes))
+    X = rng.standard_normal((300, dim))
+    y = (X @ teacher).argmax(axis=1)
+    return Splits(X[:100], y[:100], X[100:200], y[100:200], X[200:], y[200:],
+                  mean_image=np.zeros(dim), source={})  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_training_with_the_kernel_is_training_without_it(monkeypatch, dtype, batchnorm):
+    """A lockstep group (wide first layer, per-network rates) trains to the same bits."""
+    data = _tiny_data()
+    cfg = load_config(None, [f"model.dtype={dtype}", "train.epochs=3", "train.batch_size=10"])
+    settings = dataclasses.replace(solver_settings(cfg), lr_decay=0.9)
+    spec = NetSpec(30, (16, 12), 4, batchnorm)
+    iters = settings.num_iterations(100)
+    shared = plan.numpy_plan(0, spec, iters, 10, 100)
+    members = [train.Member(s, lr, shared) for s, lr in [(0.05, 1e-3), (0.3, 3e-3), (1.0, 1e-2)]]
+
+    def run(flag):
+        monkeypatch.setenv(fused.ENV_FUSED, flag)
+        return train.train_group(spec, members, data, settings)
+
+    with_kernel, without = run("1"), run("0")
+    for a, b in zip(with_kernel, without, strict=True):
+        np.testing.assert_array_equal(a.loss_history, b.loss_history)
+        assert a.train_acc_history == b.train_acc_history
+        assert a.val_acc_history == b.val_acc_history
+    assert len({acc for r in without for acc in r.val_acc_history}) > 3
+
+
+def test_warm_up_compiles_before_use(monkeypatch):
+    monkeypatch.setenv(fused.ENV_FUSED, "1")
+    fused.warm_up(["float32", "float64"])
+    kernel = fused._kernel()
+    dtypes = {sig[0].dtype.name for sig in kernel.signatures}
+    assert {"float32", "float64"} <= dtypes
