@@ -26,10 +26,25 @@ import numpy as np
 #: Environment variable that turns the compiled kernel off (``0``): the NumPy formulas run instead.
 ENV_FUSED = "BNEXP_FUSED"
 
+#: Adam element-steps (parameters x iterations, summed over runs) below which an experiment does
+#: not load the kernel: loading numba costs about 1.1 s of start-up and the kernel saves about
+#: 2.6 ns per element-step (12.2 against 4.2 ms a step on 3.07 M weights,
+#: `benchmarks/update_kernels.py`), so it pays from about 4e8. The default sweep has 1.3e9.
+MIN_ELEMENT_STEPS = 4e8
+
+_wanted = True  # see `want`
+
+
+def want(flag: bool) -> None:
+    """Use the kernel in this process (and the workers it forks) or not: `bnexp.sweep` decides
+    per experiment from its size (`MIN_ELEMENT_STEPS`)."""
+    global _wanted
+    _wanted = bool(flag)
+
 
 def enabled() -> bool:
-    """True when the fused kernel is used: numba importable and not turned off."""
-    return os.environ.get(ENV_FUSED, "1") != "0" and _kernel() is not None
+    """True when the fused kernel is used: wanted, not turned off, and numba importable."""
+    return _wanted and os.environ.get(ENV_FUSED, "1") != "0" and _kernel() is not None
 
 
 @cache

@@ -49,6 +49,7 @@ from bnexp.config import (
     Run,
     config_to_yaml,
     expand_runs,
+    parameter_count,
     run_config_dict,
     run_ids,
 )
@@ -349,15 +350,21 @@ def feature_dtype(runs: Sequence[Run]) -> str:
 
 
 def warm_up_kernels(runs: Sequence[Run]) -> None:
-    """Compile (or load) the fused Adam kernel once here, before workers are forked, for the
-    dtypes the Adam runs compute in (`bnexp.fused`; nothing without numba)."""
-    settings = [solver_settings(run.cfg) for run in runs]
-    dtypes = {s.compute_np_dtype.name for s in settings if s.update_rule == "adam"}
+    """Decide whether the fused Adam kernel pays for its start-up on these runs (the ones to
+    train), and if so compile or load it here, before workers are forked, for the dtypes the
+    Adam runs compute in (`bnexp.fused`; nothing without numba). Results are the same either way.
+    """
+    adam = [(run, solver_settings(run.cfg)) for run in runs]
+    adam = [(run, s) for run, s in adam if s.update_rule == "adam"]
+    element_steps = sum(
+        parameter_count(run.cfg.model.hidden_dims) * _num_iterations(run.cfg) for run, _ in adam
+    )
+    fused.want(element_steps >= fused.MIN_ELEMENT_STEPS)
     # Held: numba's import and cache loading (about a second) are not safe to unwind halfway
     # (a signal raised inside them was seen printed as "ignored" and lost); held, it acts as
     # soon as the kernel is ready.
     with _signals_held():
-        fused.warm_up(sorted(dtypes))
+        fused.warm_up(sorted({s.compute_np_dtype.name for _, s in adam}))
 
 
 def load_train_data(
@@ -559,7 +566,7 @@ def _train(exp: _Experiment, data, data_dir, force, log, options: dict) -> int:
     source = {"provided": "in-memory arrays"}
     if data is None:
         data, source = load_train_data(exp.cfg, data_dir, log, feature_dtype(exp.runs))
-    warm_up_kernels(exp.runs)
+    warm_up_kernels([exp.runs[i] for i in exp.todo])
     earlier = records.read_manifest(exp.out, note=log)
     exp = _same_data(exp, source, earlier, force)
     # Written only once the data has loaded: a data error must not leave an OUT/config.yaml

@@ -21,6 +21,12 @@ from bnexp.sweep import solver_settings
 pytest.importorskip("numba", reason="the fused kernel needs numba (the 'fast' extra)")
 
 
+@pytest.fixture(autouse=True)
+def wanted(monkeypatch):
+    """The kernel wanted in this process, whatever size the experiments before this test had."""
+    monkeypatch.setattr(fused, "_wanted", True)
+
+
 def _adam_steps(w0, grads, lr, *, use_kernel: bool, monkeypatch):
     """w, m, v after len(grads) in-place Adam steps from w0 (kernel on or off)."""
     monkeypatch.setenv(fused.ENV_FUSED, "1" if use_kernel else "0")
@@ -128,3 +134,18 @@ def test_warm_up_compiles_before_use(monkeypatch):
     kernel = fused._kernel()
     dtypes = {sig[0].dtype.name for sig in kernel.signatures}
     assert {"float32", "float64"} <= dtypes
+
+
+def test_the_sweep_loads_the_kernel_only_where_it_pays(monkeypatch):
+    """The default sweep (1.4e9 Adam element-steps) loads it; a tiny experiment does not, since
+    numba's start-up would cost more than the kernel saves (`fused.MIN_ELEMENT_STEPS`)."""
+    from bnexp.config import expand_runs
+    from bnexp.sweep import warm_up_kernels
+
+    monkeypatch.setenv(fused.ENV_FUSED, "1")
+    warm_up_kernels(expand_runs(load_config(None, [])))
+    assert fused.enabled()
+    warm_up_kernels(expand_runs(load_config(None, ["train.epochs=1", "data.num_train=100"])))
+    assert not fused.enabled()
+    warm_up_kernels(expand_runs(load_config(None, ["train.update_rule=sgd"])))
+    assert not fused.enabled()
