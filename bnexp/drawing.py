@@ -33,6 +33,7 @@ from bnexp.executor import (
     _picklable,
     block_stop_signals,
     restore_signals,
+    signals_held,
     unblock_stop_signals,
 )
 
@@ -65,6 +66,21 @@ def _become_helper(parent_pid: int) -> None:
     unblock_stop_signals()
 
 
+def _run_child(task, parent_pid: int, read_end: int, write_end: int) -> None:
+    """The child of `Forked`: run the task, send the outcome, exit without clean-up."""
+    try:
+        _become_helper(parent_pid)
+        os.close(read_end)
+        outcome = ("ok", task())
+    except BaseException as exc:  # every failure goes to the parent
+        outcome = ("error", _picklable(exc) if isinstance(exc, Exception) else None)
+    try:
+        with os.fdopen(write_end, "wb") as f:
+            pickle.dump(outcome, f)
+    finally:
+        os._exit(0)  # never the parent's atexit handlers, buffers or finally blocks
+
+
 class Forked:
     """`task()` run in a forked child process; `result()` returns its value or raises its
     exception (the value and exception must pickle). `kill()` ends it early."""
@@ -72,22 +88,12 @@ class Forked:
     def __init__(self, task):
         parent_pid = os.getpid()
         read_end, write_end = os.pipe()
-        previous = block_stop_signals()
-        pid = os.fork()
-        if pid != 0:  # the child keeps them blocked until its handlers are set
+        with signals_held():  # see executor.signals_held: no signal lost in the fork
+            previous = block_stop_signals()
+            pid = os.fork()
+            if pid == 0:  # the child keeps them blocked until its handlers are set
+                _run_child(task, parent_pid, read_end, write_end)  # never returns
             restore_signals(previous)
-        else:  # the child: run the task, send the outcome, exit without clean-up
-            try:
-                _become_helper(parent_pid)
-                os.close(read_end)
-                outcome = ("ok", task())
-            except BaseException as exc:  # every failure goes to the parent
-                outcome = ("error", _picklable(exc) if isinstance(exc, Exception) else None)
-            try:
-                with os.fdopen(write_end, "wb") as f:
-                    pickle.dump(outcome, f)
-            finally:
-                os._exit(0)  # never the parent's atexit handlers, buffers or finally blocks
         os.close(write_end)
         self.pid, self.read_end = pid, read_end
 
@@ -179,11 +185,12 @@ class Drawer:
         self.process = context.Process(
             target=_serve, args=(child_end, os.getpid()), name="bnexp-drawer", daemon=True
         )
-        previous = block_stop_signals()
-        try:
-            self.process.start()
-        finally:  # only the parent returns from start()
-            restore_signals(previous)
+        with signals_held():  # see executor.signals_held: no signal lost in the fork
+            previous = block_stop_signals()
+            try:
+                self.process.start()
+            finally:  # only the parent returns from start()
+                restore_signals(previous)
         child_end.close()
 
     def plot_results(self, out: str | Path) -> list[Path]:

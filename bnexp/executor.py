@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -72,14 +73,37 @@ def _die_with_parent(parent_pid: int) -> None:
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def block_stop_signals():
-    """Block SIGINT and SIGTERM around a fork; returns the mask to restore in the parent.
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM until the block ends, then act on them as usual (the Python
+    handlers run in the main thread whichever thread the kernel picks, so they are swapped,
+    not masked). In another thread signals are not ours to handle: nothing is held.
 
-    In the parent, a signal that arrived during os.fork() would run its handler inside the
-    after-fork callbacks (logging's lock release), where the exception is printed as "ignored"
-    and the signal is lost; blocked, it waits until `restore_signals`. The child starts with them
-    blocked, so that one arriving before its own handlers are set waits for them (the parent's
-    handler would unwind the parent's code in the child); it calls `unblock_stop_signals`.
+    For steps that must not be unwound halfway, and around forks: a signal arriving during
+    os.fork() would run the handler inside the after-fork callbacks (logging's lock release),
+    where its exception is printed as "ignored" and the signal is lost. A child forked inside
+    the block starts with the holding handlers and sets its own."""
+    held: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {kind: signal.signal(kind, lambda n, _: held.append(n)) for kind in kinds}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
+        for kind in held[:1]:
+            signal.raise_signal(kind)
+
+
+def block_stop_signals():
+    """Block SIGINT and SIGTERM in this thread around a fork; returns the mask to restore in
+    the parent. The child starts with them blocked, so that one arriving before its own handlers
+    are set waits for them (the parent's handler would unwind the parent's code in the child);
+    it calls `unblock_stop_signals`. The mask is per thread: use it with `signals_held`.
     """
     if hasattr(signal, "pthread_sigmask"):
         return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -106,7 +130,7 @@ def _init_worker(parent_pid: int) -> None:
     # inherited under fork; a worker must simply die on SIGTERM, which is how it is stopped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    unblock_stop_signals()  # blocked by the parent across the fork (`_run_in_workers`)
+    unblock_stop_signals()  # in case the parent blocked them across the fork
     # One BLAS thread: N workers use N cores, and OpenBLAS float32 GEMM gives other bits with
     # more threads.
     threadpool_limits(limits=1, user_api="blas")
@@ -171,7 +195,7 @@ class _Worker:
 
 def _start_worker(context, data) -> _Worker:
     """Start one worker; under fork it inherits `data` without pickling it. Call it with the
-    stop signals blocked (`block_stop_signals`)."""
+    stop signals held (`signals_held`)."""
     parent_end, child_end = context.Pipe()
     process = context.Process(
         target=_worker_main, args=(child_end, data, os.getpid()), name="bnexp-worker", daemon=True
@@ -228,13 +252,18 @@ def _run_in_workers(jobs: Sequence, data, n_jobs: int, progress: _Progress):
     finished = False
     try:
         context = _context()
-        # Blocked until every worker is in `workers`: a signal then stops them all below.
-        previous = block_stop_signals()
+        # The workers start with the parent's objects (numba's modules above all) out of the
+        # collector's reach: a collection in a worker would otherwise write to each one's header
+        # and so copy every page it shares with the parent (about 120 MB with numba loaded).
+        # The parent takes its own back once the workers are forked.
+        gc.freeze()
+        # Held until every worker is in `workers`: a signal then stops them all below.
         try:
-            for _ in range(min(n_jobs, len(jobs))):
-                workers.append(_start_worker(context, data))
+            with signals_held():
+                for _ in range(min(n_jobs, len(jobs))):
+                    workers.append(_start_worker(context, data))
         finally:
-            restore_signals(previous)
+            gc.unfreeze()
         for worker in workers:
             _give_job(worker, jobs, todo)
         while busy := [w for w in workers if w.key is not None]:

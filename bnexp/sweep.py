@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 import sys
 import time
 import warnings
@@ -54,7 +53,7 @@ from bnexp.config import (
     run_ids,
 )
 from bnexp.errors import ConfigError, DataError
-from bnexp.executor import execute
+from bnexp.executor import execute, signals_held
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, cs231n_plans, iterations_per_epoch, numpy_plan
 from bnexp.probes import ProbeSettings
@@ -349,22 +348,23 @@ def feature_dtype(runs: Sequence[Run]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float64"
 
 
-def warm_up_kernels(runs: Sequence[Run]) -> None:
-    """Decide whether the fused Adam kernel pays for its start-up on these runs (the ones to
-    train), and if so compile or load it here, before workers are forked, for the dtypes the
-    Adam runs compute in (`bnexp.fused`; nothing without numba). Results are the same either way.
-    """
+def warm_up_kernels(runs: Sequence[Run]) -> bool:
+    """Load the fused Adam kernel (`bnexp.fused`) when it pays for its start-up on these runs
+    (the ones to train: `fused.MIN_ELEMENT_STEPS`), compiled here for the dtypes the Adam runs
+    compute in, before workers are forked so they inherit it. Returns whether it was loaded.
+    Results are the same bits either way."""
     adam = [(run, solver_settings(run.cfg)) for run in runs]
     adam = [(run, s) for run, s in adam if s.update_rule == "adam"]
     element_steps = sum(
         parameter_count(run.cfg.model.hidden_dims) * _num_iterations(run.cfg) for run, _ in adam
     )
-    fused.want(element_steps >= fused.MIN_ELEMENT_STEPS)
+    if element_steps < fused.MIN_ELEMENT_STEPS:
+        return False
     # Held: numba's import and cache loading (about a second) are not safe to unwind halfway
     # (a signal raised inside them was seen printed as "ignored" and lost); held, it acts as
     # soon as the kernel is ready.
-    with _signals_held():
-        fused.warm_up(sorted({s.compute_np_dtype.name for _, s in adam}))
+    with signals_held():
+        return fused.warm_up(sorted({s.compute_np_dtype.name for _, s in adam}))
 
 
 def load_train_data(
@@ -492,30 +492,9 @@ def _train_and_record(exp: _Experiment, data, options: dict, manifest: dict, sou
         status = "complete" if finished else "interrupted"
         raise
     finally:
-        with _signals_held():  # a second signal must not cut the closing writes short
+        with signals_held():  # a second signal must not cut the closing writes short
             _close(exp, manifest, status, trained, time.perf_counter() - start, workers, scheduler)
     return trained
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT and SIGTERM until the block ends, then act on them as usual (the Python
-    handlers run in the main thread whichever thread the kernel picks, so they are swapped,
-    not masked). In another thread signals are not ours to handle: nothing is held."""
-    held: list[int] = []
-    kinds = (signal.SIGINT, signal.SIGTERM)
-    try:
-        previous = {kind: signal.signal(kind, lambda n, _: held.append(n)) for kind in kinds}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for kind, handler in previous.items():
-            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
-        for kind in held[:1]:
-            signal.raise_signal(kind)
 
 
 def _close(exp: _Experiment, manifest, status, trained, seconds, workers, scheduler) -> None:
@@ -576,6 +555,21 @@ def _train(exp: _Experiment, data, data_dir, force, log, options: dict) -> int:
         checkpoint.remove_all(exp.out)  # --force starts every group afresh
     manifest = _new_manifest(exp, options["jobs"], source, earlier)
     return _train_and_record(exp, data, options, manifest, source)
+
+
+def _settle_manifest(out: Path, log: Callable[[str], None]) -> None:
+    """Every run is recorded: a manifest not 'complete' was left by a process killed after its
+    last record and before its closing write (it reads 'running'); it now says 'complete'."""
+    manifest = records.read_manifest(out)
+    if manifest is None or manifest.get("status") == "complete":
+        return
+    manifest["status"] = "complete"
+    manifest["status_note"] = (
+        "the invocation was killed after recording its last run; a later one found all recorded"
+    )
+    with signals_held():
+        records.write_manifest(out, manifest)
+    log(f"note: {out / 'manifest.json'}: every run is recorded; status set to complete")
 
 
 def _stderr(message: str) -> None:
@@ -648,6 +642,7 @@ def run_experiment(
             trained = _train(exp, data, data_dir, force, log, options)
         else:
             checkpoint.remove_others(exp.out, [])  # of a group killed after its records
+            _settle_manifest(exp.out, log)
             if records.refresh_descriptions(exp.out, exp.config_yaml):
                 log(f"note: updated the claim in {exp.out / 'config.yaml'} (nothing to retrain)")
     summaries = records.read_summaries(exp.out, exp.ids)

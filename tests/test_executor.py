@@ -212,29 +212,6 @@ def _blocked_signals(pid: int) -> int:
     raise AssertionError("no SigBlk line")
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
-def test_a_signal_during_the_forks_is_held_then_raised_in_the_parent():
-    """SIGTERM blocked across the forks (whose after-fork callbacks would swallow its exception)
-    is pending, not lost: it is raised once the mask is restored."""
-
-    class Stop(Exception):
-        pass
-
-    def stop(signum, frame):
-        raise Stop
-
-    previous_handler = signal.signal(signal.SIGTERM, stop)
-    try:
-        previous = executor.block_stop_signals()
-        os.kill(os.getpid(), signal.SIGTERM)  # pending while blocked: no exception here
-        with pytest.raises(Stop):
-            executor.restore_signals(previous)
-            time.sleep(0.1)  # the handler runs at the latest here
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-    assert not _blocked_signals(os.getpid()) & (1 << (signal.SIGTERM - 1))
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_start_with_stop_signals_unblocked(tmp_path):
     """Workers are forked with SIGINT and SIGTERM blocked and let them in once set up: a worker

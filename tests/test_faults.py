@@ -262,11 +262,12 @@ def test_resume_after_a_partly_recorded_group_gives_the_uninterrupted_results(en
 
 
 def test_signals_held_during_the_closing_writes_act_after_them():
-    """A Ctrl-C while the manifest is written is acted on once it is written, not midway."""
-    from bnexp.sweep import _signals_held
+    """A Ctrl-C while the manifest is written (or while workers are forked) is acted on once it
+    is written, not midway."""
+    from bnexp.executor import signals_held
 
     done = []
-    with pytest.raises(KeyboardInterrupt), _signals_held():
+    with pytest.raises(KeyboardInterrupt), signals_held():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # a handler would have run by now
         done.append("written")

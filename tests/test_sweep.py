@@ -35,7 +35,8 @@ def data():
 def run(cfg, out, data, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("plot", False)
-    return sweep.run_experiment(cfg, out, data=data, log=lambda m: None, **kw)
+    kw.setdefault("log", lambda m: None)
+    return sweep.run_experiment(cfg, out, data=data, **kw)
 
 
 def csv_rows(path, drop=("seconds",)):
@@ -148,6 +149,26 @@ def test_rerun_skips_finished_runs_and_grid_growth_trains_only_new_ones(tmp_path
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["runs_trained"] == 2
     assert [m["runs_trained"] for m in manifest["previous"]] == [6]
+
+
+def test_a_manifest_left_running_after_the_last_record_is_settled_by_a_rerun(tmp_path, data):
+    """A process killed after recording its last run, before its closing write, leaves the
+    manifest 'running'; the next invocation finds every run recorded and says 'complete'."""
+    out = tmp_path / "out"
+    run(small_config(), out, data)
+    path = out / "manifest.json"
+    killed = {**json.loads(path.read_text()), "status": "running"}
+    path.write_text(json.dumps(killed))
+    notes = []
+    again = run(small_config(), out, data=None, data_dir=out / "no-data-here", log=notes.append)
+    assert (again.trained, again.skipped) == (0, 6)
+    settled = json.loads(path.read_text())
+    assert settled["status"] == "complete" and "killed" in settled["status_note"]
+    assert any("status set to complete" in n for n in notes)
+    # A complete manifest is left alone (the rerun above changes no other file).
+    before = path.read_bytes()
+    run(small_config(), out, data=None, data_dir=out / "no-data-here")
+    assert path.read_bytes() == before
 
 
 def test_ctrl_c_keeps_finished_groups_and_rerun_completes(tmp_path, data, monkeypatch):
