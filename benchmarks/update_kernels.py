@@ -121,8 +121,7 @@ def kernels() -> tuple[dict, dict]:
         found["numexpr (fused)"] = step
     os.environ[fused.ENV_FUSED] = "1"
     start = time.perf_counter()
-    if fused.enabled():
-        fused.warm_up(["float32"])
+    if fused.warm_up(["float32"]):
         found["bnexp fused (numba)"] = updater_kernel(None, use_kernel=True)
         notes["bnexp fused (numba)"] = f"start-up {time.perf_counter() - start:.2f} s"
     return found, notes

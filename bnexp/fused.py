@@ -10,10 +10,11 @@ fused multiply-add), so its results are the same bits; the tests compare the two
 every division for zero, which keeps it scalar); it changes nothing in the results, which follow
 IEEE division as NumPy's do.
 
-Without numba, or with ``BNEXP_FUSED=0`` in the environment, `adam` returns False and the caller
-runs the NumPy formulas. The kernels are compiled on first use and cached next to this module
-(numba's own cache: about a second per dtype once, a fraction of that to load afterwards);
-`warm_up` does that before worker processes are forked, so they inherit the compiled code.
+Without numba, with ``BNEXP_FUSED=0`` in the environment, or in a process that did not `load`
+it, `adam` returns False and the caller runs the NumPy formulas. `warm_up` loads the kernel and
+compiles it (numba caches it next to this module: about a second per dtype the first time, then
+about 1.1 s a process for numba's import and the cache) before worker processes are forked, so
+they inherit the compiled code.
 """
 
 from __future__ import annotations
@@ -26,29 +27,32 @@ import numpy as np
 #: Environment variable that turns the compiled kernel off (``0``): the NumPy formulas run instead.
 ENV_FUSED = "BNEXP_FUSED"
 
-#: Adam element-steps (parameters x iterations, summed over runs) below which an experiment does
+#: Adam element-steps (parameters x iterations, summed over runs) below which `bnexp.sweep` does
 #: not load the kernel: loading numba costs about 1.1 s of start-up and the kernel saves about
 #: 2.6 ns per element-step (12.2 against 4.2 ms a step on 3.07 M weights,
 #: `benchmarks/update_kernels.py`), so it pays from about 4e8. The default sweep has 1.3e9.
 MIN_ELEMENT_STEPS = 4e8
 
-_wanted = True  # see `want`
+_loaded = None  # the compiled kernel once `load` found it
 
 
-def want(flag: bool) -> None:
-    """Use the kernel in this process (and the workers it forks) or not: `bnexp.sweep` decides
-    per experiment from its size (`MIN_ELEMENT_STEPS`)."""
-    global _wanted
-    _wanted = bool(flag)
+def load() -> bool:
+    """Import the kernel into this process (and so into the workers it forks afterwards) unless
+    turned off; True when it is then in use. The only place numba is imported: a process that
+    never calls it (a small experiment, a Dask worker, a test) runs the NumPy formulas."""
+    global _loaded
+    if os.environ.get(ENV_FUSED, "1") != "0" and _loaded is None:
+        _loaded = _import_kernel()
+    return enabled()
 
 
 def enabled() -> bool:
-    """True when the fused kernel is used: wanted, not turned off, and numba importable."""
-    return _wanted and os.environ.get(ENV_FUSED, "1") != "0" and _kernel() is not None
+    """True when the fused kernel is used: loaded (`load`) and not turned off."""
+    return _loaded is not None and os.environ.get(ENV_FUSED, "1") != "0"
 
 
 @cache
-def _kernel():
+def _import_kernel():
     """`bnexp._adam_kernels.adam`, or None without numba."""
     try:
         from bnexp import _adam_kernels
@@ -102,17 +106,19 @@ def adam(w, dw, m, v, lr, beta1: float, beta2: float, eps: float, t: int) -> boo
     # double precision, then rounded once to the dtype.
     c = [dtype.type(x) for x in (beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t)]
     views = (a.reshape(-1, w.shape[-1]) for a in arrays)
-    _kernel()(*views, rate, kind == "rows", *c, dtype.type(eps))
+    _loaded(*views, rate, kind == "rows", *c, dtype.type(eps))
     return True
 
 
-def warm_up(dtypes=("float32",)) -> None:
-    """Compile (or load from numba's cache) the kernels for `dtypes` now, in this process, so that
-    forked workers inherit them instead of each compiling its own; nothing without numba."""
-    if not enabled():
-        return
+def warm_up(dtypes=("float32",)) -> bool:
+    """`load` the kernel and compile it (or load it from numba's cache) for `dtypes` now, in this
+    process, so that forked workers inherit it instead of each compiling its own. Returns whether
+    the kernel is in use (False without numba or with BNEXP_FUSED=0)."""
+    if not load():
+        return False
     for name in dtypes:
         dtype = np.dtype(name)
         for lr in (1e-3, np.full((1, 2), 1e-3)):  # a per-row and a per-column rate
             w, dw, m, v = (np.ones((2, 2), dtype=dtype) for _ in range(4))
             adam(w, dw, m, v, lr, 0.9, 0.999, 1e-8, 1)
+    return True

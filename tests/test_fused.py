@@ -22,9 +22,10 @@ pytest.importorskip("numba", reason="the fused kernel needs numba (the 'fast' ex
 
 
 @pytest.fixture(autouse=True)
-def wanted(monkeypatch):
-    """The kernel wanted in this process, whatever size the experiments before this test had."""
-    monkeypatch.setattr(fused, "_wanted", True)
+def loaded(monkeypatch):
+    """The kernel loaded in this process (as the sweep loads it for a large experiment)."""
+    monkeypatch.delenv(fused.ENV_FUSED, raising=False)
+    assert fused.warm_up(["float32", "float64"])
 
 
 def _adam_steps(w0, grads, lr, *, use_kernel: bool, monkeypatch):
@@ -131,7 +132,7 @@ def test_training_with_the_kernel_is_training_without_it(monkeypatch, dtype, bat
 def test_warm_up_compiles_before_use(monkeypatch):
     monkeypatch.setenv(fused.ENV_FUSED, "1")
     fused.warm_up(["float32", "float64"])
-    kernel = fused._kernel()
+    kernel = fused._loaded
     dtypes = {sig[0].dtype.name for sig in kernel.signatures}
     assert {"float32", "float64"} <= dtypes
 
@@ -142,10 +143,18 @@ def test_the_sweep_loads_the_kernel_only_where_it_pays(monkeypatch):
     from bnexp.config import expand_runs
     from bnexp.sweep import warm_up_kernels
 
-    monkeypatch.setenv(fused.ENV_FUSED, "1")
-    warm_up_kernels(expand_runs(load_config(None, [])))
-    assert fused.enabled()
-    warm_up_kernels(expand_runs(load_config(None, ["train.epochs=1", "data.num_train=100"])))
+    def loads(overrides):
+        return warm_up_kernels(expand_runs(load_config(None, overrides)))
+
+    assert loads([])
+    assert not loads(["train.epochs=1", "data.num_train=100"])
+    assert not loads(["train.update_rule=sgd"])
+    monkeypatch.setenv(fused.ENV_FUSED, "0")
+    assert not loads([])
+
+
+def test_a_process_that_did_not_load_it_runs_numpy(monkeypatch):
+    monkeypatch.setattr(fused, "_loaded", None)
+    a = np.ones((4, 6), np.float32)
     assert not fused.enabled()
-    warm_up_kernels(expand_runs(load_config(None, ["train.update_rule=sgd"])))
-    assert not fused.enabled()
+    assert not fused.adam(a, a.copy(), a.copy(), a.copy(), 1e-3, 0.9, 0.999, 1e-8, 1)
