@@ -36,7 +36,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from bnexp import plan, train
+from bnexp import fused, plan, train
 from bnexp.config import load_config
 from bnexp.data import Splits
 from bnexp.model import NetSpec, weight_shapes
@@ -179,6 +179,7 @@ def profile_group(data, dtype: str) -> None:
             "_prepare_inplace",
             "_learning_rate",
             "step",
+            "_rates",  # bnexp.fused (the compiled call itself is counted in its caller, adam)
         ),
         "batch norm (element-wise)": ("batchnorm_forward", "batchnorm_backward_alt", "_mean"),
     }
@@ -203,6 +204,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one group")
     args = parser.parse_args()
     data, source = load_data(args.data_dir)
+    # As `bnexp sweep-init` does for the default sweep: the fused Adam kernel when numba is
+    # installed (the `fast` extra), loaded before any worker is forked; BNEXP_FUSED=0 for NumPy.
+    kernel = fused.warm_up(args.dtypes.split(","))
+    print(f"Adam update: {'fused kernel (numba)' if kernel else 'NumPy'}")
     if args.profile:
         profile_group(data, args.dtypes.split(",")[0])
     rows = run(args.dtypes.split(","), data, serial=not args.no_serial)
