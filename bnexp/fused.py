@@ -30,7 +30,7 @@ ENV_FUSED = "BNEXP_FUSED"
 #: Adam element-steps (parameters x iterations, summed over runs) below which `bnexp.sweep` does
 #: not load the kernel: loading numba costs about 1.1 s of start-up and the kernel saves about
 #: 2.6 ns per element-step (12.2 against 4.2 ms a step on 3.07 M weights,
-#: `benchmarks/update_kernels.py`), so it pays from about 4e8. The default sweep has 1.3e9.
+#: `benchmarks/update_kernels.py`), so it pays from about 4e8. The default sweep has 1.4e9.
 MIN_ELEMENT_STEPS = 4e8
 
 _loaded = None  # the compiled kernel once `load` found it

@@ -545,7 +545,8 @@ def _train(exp: _Experiment, data, data_dir, force, log, options: dict) -> int:
     source = {"provided": "in-memory arrays"}
     if data is None:
         data, source = load_train_data(exp.cfg, data_dir, log, feature_dtype(exp.runs))
-    warm_up_kernels([exp.runs[i] for i in exp.todo])
+    if options["scheduler"] is None:  # Dask workers run the NumPy update (`bnexp.fused`)
+        warm_up_kernels([exp.runs[i] for i in exp.todo])
     earlier = records.read_manifest(exp.out, note=log)
     exp = _same_data(exp, source, earlier, force)
     # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
