@@ -17,10 +17,10 @@ and iteration), each with the probe's fields, its ``iteration`` and the run's su
   and the effective beta-smoothness against iteration, one line per normalisation kind.
 - `save_probe_figures`: the three figures into a folder, as PNG (and SVG on request).
 
-`gradient_flow_figure` draws one run per normalisation kind and weight scale (the first in the
-records). The other two draw the replicates of that run, the runs of its kind, scale and learning
-rate (seeds): each as faint lines, and their mean over the runs at each iteration as the bold
-line or band (with one run, that run).
+Each figure draws the replicates of a normalisation kind at a weight scale: the runs of that
+kind, scale and the learning rate of its first run (seeds). `gradient_flow_figure` draws every
+replicate's lines; the other two draw them as faint lines and their mean over the runs at each
+iteration as the bold line or band (with one run, that run).
 
 Built on `matplotlib.figure.Figure` (Agg canvas, no pyplot), like `bnexp.plots`.
 """
@@ -99,20 +99,6 @@ def _at_scale(record: dict, scale: float | None) -> bool:
     return scale is None or not recorded or math.isclose(float(recorded), scale)
 
 
-def _runs_by_kind(records: Sequence[dict], scale: float | None) -> dict[str, list[dict]]:
-    """Records of one run per normalisation kind (the first run of each at that scale)."""
-    chosen: dict[str, object] = {}
-    out: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        if not _at_scale(r, scale):
-            continue
-        kind = norm_kind(r)
-        key = chosen.setdefault(kind, _run_key(r))
-        if _run_key(r) == key:
-            out[kind].append(r)
-    return dict(out)
-
-
 def _replicates(records: Sequence[dict], scale: float | None) -> dict[str, list[list[dict]]]:
     """Per normalisation kind, the records of each replicate run: the runs at that scale with the
     learning rate of the kind's first run (seeds), in first-seen order."""
@@ -167,37 +153,17 @@ def gradient_flow_figure(layer_records: Sequence[dict], scales=None) -> Figure:
     """grad_w_norm per hidden layer at the first and last probed iteration, per weight scale.
 
     layer_records: layer records of one or more runs. scales: the panels' weight scales
-    (default `pick_scales` of the records'); runs are matched to a panel by exact scale.
+    (default `pick_scales` of the records'); runs are matched to a panel by exact scale. Every
+    replicate (seed) of a normalisation kind is drawn, so the spread over seeds shows; the
+    legend names each kind and iteration once, with the number of runs.
     """
     if scales is None:
         scales = pick_scales([r.get("weight_scale") for r in layer_records])
     fig = Figure(figsize=(4.2 * max(len(scales), 1), 4.2), layout="constrained")
     axes = fig.subplots(1, max(len(scales), 1), sharey=True, squeeze=False)[0]
     for ax, scale in zip(axes, scales, strict=False):
-        for kind, recs in sorted(_runs_by_kind(layer_records, scale).items()):
-            style = _kind_style(kind)
-            iterations = sorted({r["iteration"] for r in recs if "grad_w_norm" in r})
-            ends = [(iterations[0], "--", "o")] if iterations else []
-            if len(iterations) > 1:
-                ends.append((iterations[-1], "-", "s"))
-            for iteration, linestyle, marker in ends:
-                rows = sorted(
-                    (r["layer"], _num(r["grad_w_norm"]))
-                    for r in recs
-                    if r["iteration"] == iteration and "grad_w_norm" in r
-                )
-                label = f"{style['label']}{_title_suffix(recs)}, iteration {iteration}"
-                _zero_marks(ax, [layer for layer, value in rows if value == 0], marker, style)
-                if any(value == 0 for _, value in rows):
-                    label += " (▼: zero)"
-                ax.plot(
-                    [layer for layer, _ in rows],
-                    [value for _, value in rows],
-                    linestyle=linestyle,
-                    marker=marker,
-                    color=style["color"],
-                    label=label,
-                )
+        for kind, runs in sorted(_replicates(layer_records, scale).items()):
+            _gradient_flow_lines(ax, kind, runs)
         ax.set_yscale("log")
         ax.set(title=f"weight scale {fmt_sci(scale)}", xlabel="hidden layer")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -208,6 +174,39 @@ def gradient_flow_figure(layer_records: Sequence[dict], scales=None) -> Figure:
     sep = "\n" if len(axes) == 1 else " "
     fig.suptitle(f"Gradient flow: weight-gradient norm per layer,{sep}start and end of training")
     return fig
+
+
+def _gradient_flow_lines(ax, kind: str, runs: Sequence[Sequence[dict]]) -> None:
+    """One kind's lines in a panel: per replicate run, the norm per layer at the first probed
+    iteration (dashed) and the last (solid); a zero norm is a triangle at the bottom edge."""
+    style = _kind_style(kind)
+    recs = [r for run in runs for r in run]
+    iterations = sorted({r["iteration"] for r in recs if "grad_w_norm" in r})
+    ends = [(iterations[0], "--", "o")] if iterations else []
+    if len(iterations) > 1:
+        ends.append((iterations[-1], "-", "s"))
+    count = f", {len(runs)} runs" if len(runs) > 1 else ""
+    for iteration, linestyle, marker in ends:
+        label = f"{style['label']}{_title_suffix(recs)}, iteration {iteration}{count}"
+        for k, run in enumerate(runs):
+            rows = sorted(
+                (r["layer"], _num(r["grad_w_norm"]))
+                for r in run
+                if r["iteration"] == iteration and "grad_w_norm" in r
+            )
+            zeros = [layer for layer, value in rows if value == 0]
+            _zero_marks(ax, zeros, marker, style)
+            if zeros and " (▼: zero)" not in label:
+                label += " (▼: zero)"
+            ax.plot(
+                [layer for layer, _ in rows],
+                [value for _, value in rows],
+                linestyle=linestyle,
+                marker=marker,
+                color=style["color"],
+                alpha=1.0 if len(runs) == 1 else 0.6,
+                label=label if k == len(runs) - 1 else None,
+            )
 
 
 def activation_figure(layer_records: Sequence[dict], layer=None, scale=None) -> Figure:

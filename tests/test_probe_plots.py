@@ -127,6 +127,29 @@ def test_gradient_flow_draws_the_recorded_norms_at_start_and_end(stored):
     assert axes[0].get_yscale() == "log"
 
 
+def test_gradient_flow_draws_every_seed_of_a_kind(stored):
+    """Two replicates (the same run recorded under another id and seed, its norms doubled): both
+    are drawn at each end of training, the legend names the kind once with the run count."""
+    _, layer_recs, _ = stored
+    twin = [
+        dict(r, run_id=r["run_id"] + "-seed2", grad_w_norm=2 * r["grad_w_norm"])
+        for r in layer_recs
+        if r["run_id"] == "bn1" and "grad_w_norm" in r
+    ]
+    ax = probe_plots.gradient_flow_figure([*layer_recs, *twin]).axes[1]
+    last = ITERATIONS - 1
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels.count(f"batch norm, iteration {last}, 2 runs") == 1
+    assert f"baseline, iteration {last}" in labels  # one baseline run: no count
+    solid = [
+        line.get_ydata()
+        for line in ax.get_lines()
+        if line.get_color() == ax.get_lines()[0].get_color() and line.get_linestyle() == "-"
+    ]
+    assert len(solid) == 2
+    np.testing.assert_allclose(solid[1], 2 * solid[0])
+
+
 def test_activation_band_follows_the_recorded_percentiles(stored):
     _, layer_recs, _ = stored
     fig = probe_plots.activation_figure(layer_recs)
