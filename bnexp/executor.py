@@ -130,7 +130,6 @@ def _init_worker(parent_pid: int) -> None:
     # inherited under fork; a worker must simply die on SIGTERM, which is how it is stopped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    unblock_stop_signals()  # in case the parent blocked them across the fork
     # One BLAS thread: N workers use N cores, and OpenBLAS float32 GEMM gives other bits with
     # more threads.
     threadpool_limits(limits=1, user_api="blas")

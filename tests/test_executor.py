@@ -214,8 +214,9 @@ def _blocked_signals(pid: int) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_start_with_stop_signals_unblocked(tmp_path):
-    """Workers are forked with SIGINT and SIGTERM blocked and let them in once set up: a worker
-    that kept SIGTERM blocked could not be terminated."""
+    """Workers run with SIGINT and SIGTERM unblocked (the parent holds signals across the forks
+    by swapping handlers, not by a mask the workers would inherit): a worker that kept SIGTERM
+    blocked could not be terminated."""
     pidfile = tmp_path / "pid"
     jobs = [FakeJob((0,), iterations=40, delay=0.05, pidfile=str(pidfile)), FakeJob((1,))]
     ran = executor.execute(jobs, DATA, 2, progress=False)
