@@ -13,13 +13,15 @@ IEEE division as NumPy's do.
 Without numba, with ``BNEXP_FUSED=0`` in the environment, or in a process that did not `load`
 it, `adam` returns False and the caller runs the NumPy formulas. `warm_up` loads the kernel and
 compiles it (numba caches it next to this module: about a second per dtype the first time, then
-about 1.1 s a process for numba's import and the cache) before worker processes are forked, so
+about 0.45 s a process for numba's import and the cache) before worker processes are forked, so
 they inherit the compiled code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from functools import cache
 
 import numpy as np
@@ -28,10 +30,10 @@ import numpy as np
 ENV_FUSED = "BNEXP_FUSED"
 
 #: Adam element-steps (parameters x iterations, summed over runs) below which `bnexp.sweep` does
-#: not load the kernel: loading numba costs about 1.1 s of start-up and the kernel saves about
+#: not load the kernel: loading numba costs about 0.45 s of start-up and the kernel saves about
 #: 2.6 ns per element-step (12.2 against 4.2 ms a step on 3.07 M weights,
-#: `benchmarks/update_kernels.py`), so it pays from about 4e8. The default sweep has 1.4e9.
-MIN_ELEMENT_STEPS = 4e8
+#: `benchmarks/update_kernels.py`), so it pays from about 2e8. The default sweep has 1.4e9.
+MIN_ELEMENT_STEPS = 2e8
 
 _loaded = None  # the compiled kernel once `load` found it
 
@@ -59,6 +61,26 @@ def _import_kernel():
     except ImportError:
         return None
     return _adam_kernels.adam
+
+
+@contextlib.contextmanager
+def _without_scipy():
+    """Hide SciPy while numba loads, when nothing imported it yet.
+
+    On its first compilation (or load from its cache) numba imports ``scipy.linalg``, only to
+    find a BLAS for ``np.dot`` in compiled code, which the kernel does not use: about 0.25 s of
+    every sweep's start-up where SciPy is installed. Marking the module missing makes that import
+    fail at once; numba then records that compiled ``np.dot`` is unavailable in this process.
+    SciPy is importable again afterwards.
+    """
+    if "scipy" in sys.modules:
+        yield
+        return
+    sys.modules["scipy"] = None  # the import system's "not found" marker
+    try:
+        yield
+    finally:
+        sys.modules.pop("scipy", None)
 
 
 def _rates(lr, w: np.ndarray) -> tuple[str, np.ndarray] | None:
@@ -114,11 +136,12 @@ def warm_up(dtypes=("float32",)) -> bool:
     """`load` the kernel and compile it (or load it from numba's cache) for `dtypes` now, in this
     process, so that forked workers inherit it instead of each compiling its own. Returns whether
     the kernel is in use (False without numba or with BNEXP_FUSED=0)."""
-    if not load():
-        return False
-    for name in dtypes:
-        dtype = np.dtype(name)
-        for lr in (1e-3, np.full((1, 2), 1e-3)):  # a per-row and a per-column rate
-            w, dw, m, v = (np.ones((2, 2), dtype=dtype) for _ in range(4))
-            adam(w, dw, m, v, lr, 0.9, 0.999, 1e-8, 1)
+    with _without_scipy():
+        if not load():
+            return False
+        for name in dtypes:
+            dtype = np.dtype(name)
+            for lr in (1e-3, np.full((1, 2), 1e-3)):  # a per-row and a per-column rate
+                w, dw, m, v = (np.ones((2, 2), dtype=dtype) for _ in range(4))
+                adam(w, dw, m, v, lr, 0.9, 0.999, 1e-8, 1)
     return True

@@ -158,3 +158,26 @@ def test_a_process_that_did_not_load_it_runs_numpy(monkeypatch):
     a = np.ones((4, 6), np.float32)
     assert not fused.enabled()
     assert not fused.adam(a, a.copy(), a.copy(), a.copy(), 1e-3, 0.9, 0.999, 1e-8, 1)
+
+
+def test_warm_up_keeps_scipy_out_and_importable(tmp_path):
+    """numba's first compilation imports SciPy (0.3 s of start-up) unless `warm_up` hides it; a
+    stand-in `scipy` package records whether it was imported, whether or not SciPy is installed."""
+    import subprocess
+    import sys
+
+    (tmp_path / "scipy").mkdir()
+    marker = tmp_path / "imported"
+    (tmp_path / "scipy" / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from bnexp import fused\n"
+        "assert fused.warm_up(['float32'])\n"
+        f"assert not __import__('os').path.exists({str(marker)!r}), 'scipy imported'\n"
+        "import scipy\n"  # importable again afterwards
+        f"assert __import__('os').path.exists({str(marker)!r})\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != fused.ENV_FUSED}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
