@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnexp import layers, model, optim, probes
+from bnexp import fused, layers, model, optim, probes
 from bnexp.checkpoint import Checkpoint, CheckpointError
 from bnexp.model import NetSpec
 from bnexp.plan import RunPlan, iterations_per_epoch, step_generators
@@ -269,6 +269,7 @@ class _Updater:
     """The update rule applied in place to one (stacked) parameter, in blocks along axis 0.
 
     Blocks keep the rule's element-wise temporaries cache-sized; they do not change the numbers.
+    With the compiled Adam (`bnexp.fused`) the parameter is one block.
     The temporaries live in scratch buffers reused at every step. `lr_axis0` says whether axis 0
     is the network axis (lr sliced per block) or not (wide W1: the rate varies along the columns
     and is the same for every block).
@@ -278,6 +279,8 @@ class _Updater:
         self.rule = optim.UPDATE_RULES[rule]
         self.state_arrays = optim.STATE_ARRAYS[rule]
         row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * itemsize, 1)
+        # The compiled Adam is one pass with no temporaries: blocks would only add calls.
+        single = single or (rule == "adam" and fused.enabled())
         rows = shape[0] if single else max(1, UPDATE_BLOCK_BYTES // row_bytes)
         self.blocks = [slice(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)]
         self.whole = len(self.blocks) == 1
