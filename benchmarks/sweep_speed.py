@@ -181,7 +181,26 @@ def profile_group(data, dtype: str) -> None:
             "step",
             "_rates",  # bnexp.fused (the compiled call itself is counted in its caller, adam)
         ),
-        "batch norm (element-wise)": ("batchnorm_forward", "batchnorm_backward_alt", "_mean"),
+        "BN + ReLU (element-wise)": (
+            "batchnorm_forward",
+            "batchnorm_backward_alt",
+            "_mean",
+            "_batchnorm_inference",
+            "relu_forward",
+            "relu_backward",
+            # With the compiled kernels (bnexp.fused): the layers' entry points, the wrappers
+            # and the kernels (each counted once: tottime excludes what a function calls).
+            "batchnorm_relu_forward",
+            "relu_batchnorm_backward",
+            "_batchnorm",
+            "_batch_stats",
+            "_relu_after",
+            "batchnorm_inference",
+            "batchnorm_batch",
+            "batchnorm_backward",
+            "_norm_views",
+            "_outputs",
+        ),
     }
     totals = dict.fromkeys(buckets, 0.0)
     total = 0.0

@@ -1,4 +1,5 @@
-"""The Adam update fused into one compiled pass, when numba is installed (the ``fast`` extra).
+"""The Adam update and batch norm (with the ReLU after it) fused into compiled passes, when numba
+is installed (the ``fast`` extra).
 
 NumPy runs the update as 14 whole-array operations, each one pass over memory; on the wide
 first-layer weights that is about 11 ms a step where one fused pass takes about 4 ms
@@ -10,11 +11,15 @@ fused multiply-add), so its results are the same bits; the tests compare the two
 every division for zero, which keeps it scalar); it changes nothing in the results, which follow
 IEEE division as NumPy's do.
 
+Batch norm (`bnexp._norm_kernels`) follows the same rule against `bnexp.layers`: its test-mode
+map, its staged train/batch forward and its closed-form backward, each optionally fused with the
+ReLU that `bnexp.model` applies next, one pass per stage instead of one per NumPy operation.
+
 Without numba, with ``BNEXP_FUSED=0`` in the environment, or in a process that did not `load`
-it, `adam` returns False and the caller runs the NumPy formulas. `warm_up` loads the kernel and
-compiles it (numba caches it next to this module: about a second per dtype the first time, then
-about 0.45 s a process for numba's import and the cache) before worker processes are forked, so
-they inherit the compiled code.
+it, `adam` returns False (the batch-norm wrappers None) and the caller runs the NumPy formulas.
+`warm_up` loads the kernels and compiles them (numba caches them next to their modules: a few
+seconds per dtype the first time, then about 0.45 s a process for numba's import and the cache)
+before worker processes are forked, so they inherit the compiled code.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,7 +42,11 @@ ENV_FUSED = "BNEXP_FUSED"
 #: `benchmarks/update_kernels.py`), so it pays from about 2e8. The default sweep has 1.4e9.
 MIN_ELEMENT_STEPS = 2e8
 
-_loaded = None  # the compiled kernel once `load` found it
+_loaded = None  # the compiled kernels (`_Kernels`) once `load` found them
+
+#: (relu, apart) -> the forward kernels' `relu` mode (`bnexp._norm_kernels`, whose values these
+#: repeat: importing that module would import numba).
+_RELU_MODES = {(False, False): 0, (True, True): 1, (True, False): 2}
 
 
 def load() -> bool:
@@ -53,14 +64,26 @@ def enabled() -> bool:
     return _loaded is not None and os.environ.get(ENV_FUSED, "1") != "0"
 
 
+class _Kernels(NamedTuple):
+    """The compiled functions, each documented in its module."""
+
+    adam: Callable
+    batchnorm_inference: Callable
+    batchnorm_batch: Callable
+    batchnorm_backward: Callable
+
+
 @cache
-def _import_kernel():
-    """`bnexp._adam_kernels.adam`, or None without numba."""
+def _import_kernel() -> _Kernels | None:
+    """The kernels of `bnexp._adam_kernels` and `bnexp._norm_kernels`, or None without numba."""
     try:
-        from bnexp import _adam_kernels
+        from bnexp import _adam_kernels, _norm_kernels
     except ImportError:
         return None
-    return _adam_kernels.adam
+    norm = _norm_kernels
+    return _Kernels(
+        _adam_kernels.adam, norm.batchnorm_inference, norm.batchnorm_batch, norm.batchnorm_backward
+    )
 
 
 @contextlib.contextmanager
@@ -128,14 +151,14 @@ def adam(w, dw, m, v, lr, beta1: float, beta2: float, eps: float, t: int) -> boo
     # double precision, then rounded once to the dtype.
     c = [dtype.type(x) for x in (beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t)]
     views = (a.reshape(-1, w.shape[-1]) for a in arrays)
-    _loaded(*views, rate, kind == "rows", *c, dtype.type(eps))
+    _loaded.adam(*views, rate, kind == "rows", *c, dtype.type(eps))
     return True
 
 
 def warm_up(dtypes=("float32",)) -> bool:
-    """`load` the kernel and compile it (or load it from numba's cache) for `dtypes` now, in this
-    process, so that forked workers inherit it instead of each compiling its own. Returns whether
-    the kernel is in use (False without numba or with BNEXP_FUSED=0)."""
+    """`load` the kernels and compile them (or load them from numba's cache) for `dtypes` now, in
+    this process, so that forked workers inherit them instead of each compiling its own. Returns
+    whether the kernels are in use (False without numba or with BNEXP_FUSED=0)."""
     with _without_scipy():
         if not load():
             return False
@@ -144,4 +167,121 @@ def warm_up(dtypes=("float32",)) -> bool:
             for lr in (1e-3, np.full((1, 2), 1e-3)):  # a per-row and a per-column rate
                 w, dw, m, v = (np.ones((2, 2), dtype=dtype) for _ in range(4))
                 adam(w, dw, m, v, lr, 0.9, 0.999, 1e-8, 1)
+            x, row = np.ones((2, 2), dtype=dtype), np.ones(2, dtype=dtype)
+            batchnorm_inference(x, row, row, row, row, 1e-5, relu=True, inplace=True)
+            out, _, stats = batchnorm_batch(x, row, row, 1e-5, relu=True, inplace=False)
+            batchnorm_backward(x, out, stats["xhat"], stats["inv_std"], row, row.shape)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# batch norm (+ ReLU): the wrappers return None where the kernels do not apply
+# ---------------------------------------------------------------------------------------------
+
+
+def _norm_views(x: np.ndarray, *features: np.ndarray):
+    """x as (B, N, D) and each (..., D) per-feature array as (B, D), B = prod(...); None when
+    the kernels do not take this layout (the caller then runs NumPy).
+
+    They take float32 or float64 arrays of one dtype, x C-contiguous, whose per-feature arrays
+    have x's leading axes exactly (a parameter shared by a stack, (D,) against (K, N, D),
+    broadcasts: NumPy's job), and D >= 2: with one column NumPy sums the batch axis pairwise, not
+    row by row. Per-feature arrays may be strided (the training loop's gamma and beta are views
+    of its flat parameter array): they are small, so a contiguous copy costs next to nothing.
+    """
+    dtype = x.dtype
+    if dtype not in (np.float32, np.float64) or x.ndim < 2 or x.size == 0 or not enabled():
+        return None
+    n, d = x.shape[-2:]
+    feature_shape = (*x.shape[:-2], d)
+    if d < 2 or not x.flags.c_contiguous:
+        return None
+    if any(a.dtype != dtype or a.shape != feature_shape for a in features):
+        return None
+    b = x.size // (n * d)
+    return x.reshape(b, n, d), [np.ascontiguousarray(a).reshape(b, d) for a in features]
+
+
+def _outputs(x: np.ndarray, relu: bool, inplace: bool):
+    """Fresh arrays out and h like x for a forward kernel (h is out itself when the ReLU is in
+    place or absent), then the kernel's (B, N, D) views of them and its `relu` mode."""
+    out = np.empty_like(x)
+    apart = relu and not inplace
+    h = np.empty_like(x) if apart else out
+    views = out.reshape(-1, *x.shape[-2:]), h.reshape(-1, *x.shape[-2:])
+    mode = _RELU_MODES[relu, apart]
+    return out, h, views, mode
+
+
+def batchnorm_inference(x, gamma, beta, running_mean, running_var, eps: float, *, relu, inplace):
+    """`layers._batchnorm_inference`, then max(out, 0) when `relu`, in one compiled pass.
+
+    x : (..., N, D); gamma, beta, running_mean, running_var : (..., D), x's leading axes.
+    inplace : the ReLU overwrites out (h is out), as `layers.relu_forward(..., inplace=True)`.
+
+    Returns (out, h), both shaped like x (h is out without `relu`), or None (not handled).
+    """
+    views = _norm_views(x, running_mean, running_var, gamma, beta)
+    if views is None:
+        return None
+    x3, (rm, rv, g, b) = views
+    out, h, out_views, mode = _outputs(x, relu, inplace)
+    _loaded.batchnorm_inference(x3, rm, rv, g, b, x.dtype.type(eps), *out_views, mode)
+    return out, h
+
+
+def batchnorm_batch(x, gamma, beta, eps: float, *, relu: bool, inplace: bool):
+    """The staged train/batch forward of `layers.batchnorm_forward` (batch statistics), then
+    max(out, 0) when `relu`, in three compiled passes over x.
+
+    x : (..., N, D); gamma, beta : (..., D), x's leading axes; inplace : as for
+    `batchnorm_inference`. The running averages are not touched (the caller updates them).
+
+    Returns (out, h, stats) or None (not handled): out and h like x (h is out without `relu`);
+    stats the cache arrays "xmu", "xhat" like x and "mean", "var", "std", "inv_std" (..., 1, D).
+    """
+    views = _norm_views(x, gamma, beta)
+    if views is None:
+        return None
+    x3, (g, b) = views
+    kind = x.dtype.type
+    out, h, out_views, mode = _outputs(x, relu, inplace)
+    xmu, xhat = np.empty_like(x3), np.empty_like(x3)
+    feats = [np.empty_like(g) for _ in range(4)]  # mean, var, std, inv_std
+    constants = kind(eps), kind(1), kind(x.shape[-2])
+    _loaded.batchnorm_batch(x3, g, b, *constants, xmu, xhat, *out_views, mode, *feats)
+    stat_shape = (*x.shape[:-2], 1, x.shape[-1])
+    stats = {"xhat": xhat.reshape(x.shape), "xmu": xmu.reshape(x.shape)}
+    for key, a in zip(("mean", "var", "std", "inv_std"), feats, strict=True):
+        stats[key] = a.reshape(stat_shape)
+    return out, h, stats
+
+
+def batchnorm_backward(dout, relu_input, xhat, inv_std, gamma, beta_shape):
+    """`layers.batchnorm_backward_alt`, after `layers.relu_backward` unless relu_input is None,
+    in two compiled passes.
+
+    dout, xhat : (..., N, D); relu_input : like dout, the ReLU's input (its cache), or None;
+    inv_std : (..., 1, D); gamma : (..., D), dout's leading axes, and so beta_shape.
+
+    Returns (dx like dout, dgamma like gamma, dbeta like gamma) or None (not handled).
+    """
+    full = [xhat] if relu_input is None else [xhat, relu_input]
+    if any(a.shape != dout.shape for a in full) or tuple(beta_shape) != gamma.shape:
+        return None
+    if any(a.dtype != dout.dtype or not a.flags.c_contiguous for a in full):
+        return None
+    if inv_std.shape != (*gamma.shape[:-1], 1, gamma.shape[-1]):
+        return None
+    views = _norm_views(dout, gamma, inv_std.reshape(gamma.shape))
+    if views is None:
+        return None
+    dout3, (g, inv) = views
+    a3 = dout3 if relu_input is None else relu_input.reshape(dout3.shape)
+    kind = dout.dtype.type
+    dx, dgamma, dbeta = np.empty_like(dout3), np.empty_like(g), np.empty_like(g)
+    relu = relu_input is not None
+    xhat3 = xhat.reshape(dout3.shape)
+    constants = kind(1), kind(dout.shape[-2])
+    _loaded.batchnorm_backward(dout3, a3, xhat3, inv, g, *constants, relu, dx, dgamma, dbeta)
+    return dx.reshape(dout.shape), dgamma.reshape(gamma.shape), dbeta.reshape(gamma.shape)

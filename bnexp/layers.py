@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnexp import fused
+
 BN_MODES = ("train", "test", "batch")
 
 
@@ -187,6 +189,8 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
       population estimate is :func:`batchnorm_population_stats`.
     - Initialising gamma = 1 and beta = 0 is the model's job, not this function's.
 
+    Where the compiled kernels are loaded (`bnexp.fused`) they compute it, with the same bits.
+
     Parameters
     ----------
     x : (..., N, D) inputs.
@@ -211,6 +215,32 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     ValueError : unknown mode, shape mismatch, or N < 2 in train/batch mode (the batch variance
         of a single example is 0 and the normalised output carries no signal).
     """
+    out, cache, _ = _batchnorm(x, gamma, beta, bn_param, relu=False, inplace=False)
+    return out, cache
+
+
+def batchnorm_relu_forward(x, gamma, beta, bn_param: dict, inplace: bool = False):
+    """:func:`batchnorm_forward` then :func:`relu_forward`, the same bits, fused into compiled
+    passes when the kernels are loaded (`bnexp.fused`).
+
+    Parameters
+    ----------
+    x, gamma, beta, bn_param : as for :func:`batchnorm_forward`.
+    inplace : as for :func:`relu_forward`: the ReLU overwrites the batch-norm output.
+
+    Returns
+    -------
+    h : (..., N, D) the ReLU's output.
+    bn_cache : as from :func:`batchnorm_forward`.
+    relu_cache : as from :func:`relu_forward`, the batch-norm output (h itself when `inplace`).
+    """
+    out, cache, h = _batchnorm(x, gamma, beta, bn_param, relu=True, inplace=inplace)
+    return h, cache, out
+
+
+def _batchnorm(x, gamma, beta, bn_param: dict, *, relu: bool, inplace: bool):
+    """The work of :func:`batchnorm_forward` -> (out, cache, h), h = max(out, 0) when `relu`
+    (out itself, overwritten, when `inplace`), else None; compiled where `bnexp.fused` can."""
     name = "batchnorm_forward"
     mode = bn_param.get("mode")
     if mode not in BN_MODES:
@@ -222,39 +252,59 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bn_par
     running_mean, running_var = _running_stats(name, bn_param, x)
 
     if mode == "test":
-        return _batchnorm_inference(x, gamma, beta, running_mean, running_var, eps), None
+        stats = running_mean, running_var
+        compiled = fused.batchnorm_inference(
+            x, gamma, beta, *stats, eps, relu=relu, inplace=inplace
+        )
+        if compiled:
+            out, h = compiled
+            return out, None, (h if relu else None)
+        return _relu_after(_batchnorm_inference(x, gamma, beta, *stats, eps), None, relu, inplace)
 
     if N < 2:
         raise ValueError(
             f"{name}: mode {mode!r} needs N >= 2 examples per batch to estimate a variance, "
             f"got x of shape {x.shape}"
         )
-    # Staged forward; every intermediate the staged backward needs is kept, nothing recomputed.
-    mean = x.mean(axis=-2, keepdims=True)  # (..., 1, D)
-    xmu = x - mean
-    var = (xmu * xmu).mean(axis=-2, keepdims=True)  # biased: divide by N
-    std = np.sqrt(var + eps)
-    inv_std = 1 / std
-    xhat = xmu * inv_std
-    out = gamma[..., None, :] * xhat
-    out += beta[..., None, :]
+    compiled = fused.batchnorm_batch(x, gamma, beta, eps, relu=relu, inplace=inplace)
+    if compiled:
+        out, h, stats = compiled
+    else:
+        stats = _batch_stats(x, eps)
+        out = gamma[..., None, :] * stats["xhat"]
+        out += beta[..., None, :]
 
     if mode == "train":
-        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean[..., 0, :]
-        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var[..., 0, :]
+        mean, var = stats["mean"][..., 0, :], stats["var"][..., 0, :]
+        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
+        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
     cache = {
-        "xhat": xhat,
-        "xmu": xmu,
-        "mean": mean,
-        "var": var,
-        "std": std,
-        "inv_std": inv_std,
+        **stats,
         "eps": eps,
         "gamma": gamma,
         "beta_shape": beta.shape,
         "out_shape": out.shape,
     }
-    return out, cache
+    if compiled:
+        return out, cache, (h if relu else None)
+    return _relu_after(out, cache, relu, inplace)
+
+
+def _batch_stats(x: np.ndarray, eps: float) -> dict:
+    """The staged forward's intermediates, every one the staged backward needs (nothing is
+    recomputed): xmu, xhat like x (..., N, D); mean, var, std, inv_std (..., 1, D)."""
+    mean = x.mean(axis=-2, keepdims=True)
+    xmu = x - mean
+    var = (xmu * xmu).mean(axis=-2, keepdims=True)  # biased: divide by N
+    std = np.sqrt(var + eps)
+    inv_std = 1 / std
+    xhat = xmu * inv_std
+    return {"xhat": xhat, "xmu": xmu, "mean": mean, "var": var, "std": std, "inv_std": inv_std}
+
+
+def _relu_after(out: np.ndarray, cache, relu: bool, inplace: bool):
+    """(out, cache, h) of `_batchnorm` on the NumPy path: the ReLU as its own pass."""
+    return out, cache, (relu_forward(out, inplace=inplace)[0] if relu else None)
 
 
 def _batchnorm_inference(x, gamma, beta, running_mean, running_var, eps: float) -> np.ndarray:
@@ -332,6 +382,9 @@ def batchnorm_backward_alt(dout: np.ndarray, cache):
     """
     _bn_check("batchnorm_backward_alt", dout, cache)
     xhat, inv_std, gamma = cache["xhat"], cache["inv_std"], cache["gamma"]
+    compiled = fused.batchnorm_backward(dout, None, xhat, inv_std, gamma, cache["beta_shape"])
+    if compiled:
+        return compiled
     N = dout.shape[-2]
     dbeta = dout.sum(axis=-2)
     dgamma = (dout * xhat).sum(axis=-2)
@@ -344,6 +397,27 @@ def batchnorm_backward_alt(dout: np.ndarray, cache):
         _sum_to_shape(dgamma, gamma.shape),
         _sum_to_shape(dbeta, cache["beta_shape"]),
     )
+
+
+def relu_batchnorm_backward(dout: np.ndarray, relu_cache, bn_cache):
+    """Backward of :func:`batchnorm_relu_forward`: :func:`relu_backward` then
+    :func:`batchnorm_backward_alt`, the same bits, in compiled passes when the kernels are loaded
+    (`bnexp.fused`; the ReLU's gradient is then never stored).
+
+    Parameters
+    ----------
+    dout : (..., N, D) upstream gradient of the ReLU's output.
+    relu_cache, bn_cache : from :func:`batchnorm_relu_forward` in 'train' or 'batch' mode.
+
+    Returns
+    -------
+    dx : (..., N, D); dgamma, dbeta : shaped like gamma and beta.
+    """
+    _bn_check("batchnorm_backward_alt", dout, bn_cache)
+    xhat, inv_std, gamma = bn_cache["xhat"], bn_cache["inv_std"], bn_cache["gamma"]
+    beta_shape = bn_cache["beta_shape"]
+    compiled = fused.batchnorm_backward(dout, relu_cache, xhat, inv_std, gamma, beta_shape)
+    return compiled or batchnorm_backward_alt(relu_backward(dout, relu_cache), bn_cache)
 
 
 def batchnorm_population_stats(batch_means: np.ndarray, batch_vars: np.ndarray, batch_size: int):

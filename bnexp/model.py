@@ -2,7 +2,9 @@
 stacks of nets.
 
 ``norm`` is one of `NORMALIZATIONS`, picked by name in `_normalize` / `_NORM_BACKWARD` (the only
-place that knows the layers); dropout is inverted dropout after each ReLU, in training steps only.
+place that knows the layers; plain batch norm is called with its ReLU, `_normalize_relu`, so that
+the compiled kernels can fuse the two); dropout is inverted dropout after each ReLU, in training
+steps only.
 
 Parameters live in a dict with keys ``W1, b1, gamma1, beta1, ..., W{L+1}, b{L+1}`` (gamma/beta only
 with a normalization). A *stack* of K networks of one architecture has a leading axis K on every
@@ -298,12 +300,37 @@ def _normalize(spec, layer, a, params, bn_params, bn_mode, draws):
     return layers.noisy_batchnorm_forward(a, gamma, beta, bn_param, noise)
 
 
+def _normalize_relu(spec, layer, a, params, bn_params, bn_mode, draws, inplace: bool):
+    """`_normalize` then the ReLU (in place on the normalized array when `inplace`) -> (h,
+    norm_cache, relu_cache); plain batch norm takes both in one call, which the compiled kernels
+    (`bnexp.fused`) fuse."""
+    if spec.normalization == "batchnorm":
+        bn_param = bn_params[layer - 1]
+        bn_param["mode"] = bn_mode
+        gamma, beta = params[f"gamma{layer}"], params[f"beta{layer}"]
+        return layers.batchnorm_relu_forward(a, gamma, beta, bn_param, inplace=inplace)
+    a, norm_cache = _normalize(spec, layer, a, params, bn_params, bn_mode, draws)
+    h, relu_cache = layers.relu_forward(a, inplace=inplace)
+    return h, norm_cache, relu_cache
+
+
 #: Backward pass of each normalization -> (dx, dgamma, dbeta).
 _NORM_BACKWARD = {
     "batchnorm": layers.batchnorm_backward_alt,
     "layernorm": layers.layernorm_backward,
     "noisy_batchnorm": layers.noisy_batchnorm_backward,
 }
+
+
+def _relu_normalize_backward(spec, dout, relu_cache, norm_cache):
+    """Backward of `_normalize_relu` -> (dx, dgamma, dbeta); the last two None without a
+    normalization."""
+    if spec.normalization == "batchnorm":
+        return layers.relu_batchnorm_backward(dout, relu_cache, norm_cache)
+    dout = layers.relu_backward(dout, relu_cache)
+    if spec.normalization == "none":
+        return dout, None, None
+    return _NORM_BACKWARD[spec.normalization](dout, norm_cache)
 
 
 def forward(
@@ -346,9 +373,11 @@ def forward(
         if layer == spec.num_layers:
             caches.append((affine_cache, None, None, None))
             return a, (caches if keep_caches else [])
-        a, norm_cache = _normalize(spec, layer, a, params, bn_params, bn_mode, draws)
-        # Inference: a is a fresh temporary nobody keeps, so the ReLU overwrites it.
-        h, relu_cache = layers.relu_forward(a, inplace=not keep_caches)
+        # Inference: the normalized array is a fresh temporary nobody keeps, so the ReLU
+        # overwrites it.
+        h, norm_cache, relu_cache = _normalize_relu(
+            spec, layer, a, params, bn_params, bn_mode, draws, inplace=not keep_caches
+        )
         dropout_cache = None
         if draws is not None and draws.dropout is not None:
             h, dropout_cache = layers.dropout_forward(h, draws.dropout[layer - 1])
@@ -366,11 +395,9 @@ def backward(spec: NetSpec, dscores: np.ndarray, caches: list) -> dict:
         if layer < spec.num_layers:
             if dropout_cache is not None:
                 dout = layers.dropout_backward(dout, dropout_cache)
-            dout = layers.relu_backward(dout, relu_cache)
+            dout, dgamma, dbeta = _relu_normalize_backward(spec, dout, relu_cache, norm_cache)
             if spec.normalization != "none":
-                dout, grads[f"gamma{layer}"], grads[f"beta{layer}"] = _NORM_BACKWARD[
-                    spec.normalization
-                ](dout, norm_cache)
+                grads[f"gamma{layer}"], grads[f"beta{layer}"] = dgamma, dbeta
         if layer > 1:
             dout, grads[f"W{layer}"], grads[f"b{layer}"] = layers.affine_backward(
                 dout, affine_cache

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from bnexp import fused
+from bnexp.data import Splits
 from bnexp.train import SolverSettings
 
 #: KEY=VALUE overrides for a tiny experiment on the generated CIFAR-10 (a few seconds).
@@ -31,3 +35,32 @@ def solver_settings(**changes) -> SolverSettings:
         loss_window=5,
     )
     return SolverSettings(**{**base, **changes})
+
+
+def teacher_splits(dim=30, classes=4) -> Splits:
+    """100/100/100 train/val/test Gaussian examples of `dim` features, labelled by a random
+    linear teacher (learnable in a few epochs)."""
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((dim, classes))
+    X = rng.standard_normal((300, dim))
+    y = (X @ teacher).argmax(axis=1)
+    return Splits(X[:100], y[:100], X[100:200], y[100:200], X[200:], y[200:],
+                  mean_image=np.zeros(dim), source={})  # fmt: skip
+
+
+def count_kernel_calls(monkeypatch) -> dict[str, int]:
+    """Wrap each loaded compiled kernel (`bnexp.fused`) so its calls are counted in the returned
+    {kernel name: calls} (to show the kernels, not NumPy, ran); `fused.load` must have run."""
+    counts = dict.fromkeys(fused._Kernels._fields, 0)
+
+    def counting(name, kernel):
+        def call(*args):
+            counts[name] += 1
+            return kernel(*args)
+
+        return call
+
+    kernels = fused._loaded
+    wrapped = {name: counting(name, k) for name, k in zip(kernels._fields, kernels, strict=True)}
+    monkeypatch.setattr(fused, "_loaded", fused._Kernels(**wrapped))
+    return counts

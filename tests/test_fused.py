@@ -11,10 +11,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+from small import count_kernel_calls, teacher_splits
 
 from bnexp import fused, optim, plan, train
 from bnexp.config import load_config
-from bnexp.data import Splits
 from bnexp.model import NetSpec
 from bnexp.sweep import solver_settings
 
@@ -96,26 +96,21 @@ def test_nan_in_one_network_stays_there(monkeypatch):
     assert np.isnan(w[1, 2]) and np.isfinite(np.delete(w.ravel(), 6)).all()
 
 
-def _tiny_data(dim=30, classes=4):
-    rng = np.random.default_rng(0)
-    teacher = rng.standard_normal((dim, classes))
-    X = rng.standard_normal((300, dim))
-    y = (X @ teacher).argmax(axis=1)
-    return Splits(X[:100], y[:100], X[100:200], y[100:200], X[200:], y[200:],
-                  mean_image=np.zeros(dim), source={})  # fmt: skip
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batchnorm", [True, False])
 def test_training_with_the_kernel_is_training_without_it(monkeypatch, dtype, batchnorm):
-    """A lockstep group (wide first layer, per-network rates) trains to the same bits."""
-    data = _tiny_data()
-    cfg = load_config(None, [f"model.dtype={dtype}", "train.epochs=3", "train.batch_size=10"])
+    """A lockstep group (wide first layer, per-network rates) trains to the same bits, and its
+    checks in every bn_eval mode (running statistics, population statistics, whole-set batch
+    statistics: the batch-norm kernels in test, batch and train mode) agree too."""
+    data = teacher_splits()
+    overrides = [f"model.dtype={dtype}", "train.epochs=3", "train.batch_size=10"]
+    cfg = load_config(None, [*overrides, f"train.bn_eval_all={str(batchnorm).lower()}"])
     settings = dataclasses.replace(solver_settings(cfg), lr_decay=0.9)
     spec = NetSpec(30, (16, 12), 4, batchnorm)
     iters = settings.num_iterations(100)
     shared = plan.numpy_plan(0, spec, iters, 10, 100)
     members = [train.Member(s, lr, shared) for s, lr in [(0.05, 1e-3), (0.3, 3e-3), (1.0, 1e-2)]]
+    calls = count_kernel_calls(monkeypatch)
 
     def run(flag):
         monkeypatch.setenv(fused.ENV_FUSED, flag)
@@ -123,18 +118,23 @@ def test_training_with_the_kernel_is_training_without_it(monkeypatch, dtype, bat
 
     with_kernel, without = run("1"), run("0")
     for a, b in zip(with_kernel, without, strict=True):
-        np.testing.assert_array_equal(a.loss_history, b.loss_history)
+        assert a.loss_history.tobytes() == b.loss_history.tobytes()
         assert a.train_acc_history == b.train_acc_history
         assert a.val_acc_history == b.val_acc_history
+        assert a.test_acc == b.test_acc and a.every_mode == b.every_mode
     assert len({acc for r in without for acc in r.val_acc_history}) > 3
+    assert calls["adam"] > 0
+    bn_kernels = [n for name, n in calls.items() if name.startswith("batchnorm")]
+    assert all(bn_kernels) == batchnorm, calls
+    assert len(with_kernel[0].every_mode) > 0 or not batchnorm
 
 
 def test_warm_up_compiles_before_use(monkeypatch):
     monkeypatch.setenv(fused.ENV_FUSED, "1")
     fused.warm_up(["float32", "float64"])
-    kernel = fused._loaded
-    dtypes = {sig[0].dtype.name for sig in kernel.signatures}
-    assert {"float32", "float64"} <= dtypes
+    for kernel in fused._loaded:
+        dtypes = {sig[0].dtype.name for sig in kernel.signatures}
+        assert {"float32", "float64"} <= dtypes, kernel
 
 
 def test_the_sweep_loads_the_kernel_only_where_it_pays(monkeypatch):
