@@ -29,6 +29,18 @@ import numpy as np
 NO_RELU, RELU_APART, RELU_IN_PLACE = 0, 1, 2
 
 
+@numba.njit(inline="always")
+def _store(out, h, k, i, j, o, relu, zero):  # pragma: no cover - compiled
+    """Write a forward kernel's batch-norm output o at [k, i, j] as `relu` says (see above).
+    Inlined into each kernel by numba, so the loops still vectorize."""
+    if relu == RELU_IN_PLACE:
+        out[k, i, j] = zero if o <= zero else o
+    else:
+        out[k, i, j] = o
+        if relu == RELU_APART:
+            h[k, i, j] = zero if o <= zero else o
+
+
 @numba.njit(cache=True, error_model="numpy", nogil=True)
 def batchnorm_inference(x, rm, rv, g, b, eps, out, h, relu):  # pragma: no cover - compiled
     """Test mode, `layers._batchnorm_inference`: out = (x - rm) / sqrt(rv + eps) * g + b.
@@ -43,12 +55,7 @@ def batchnorm_inference(x, rm, rv, g, b, eps, out, h, relu):  # pragma: no cover
         for i in range(x.shape[1]):
             for j in range(x.shape[2]):
                 o = (x[k, i, j] - rm[k, j]) / scale[j] * g[k, j] + b[k, j]
-                if relu == RELU_IN_PLACE:
-                    out[k, i, j] = zero if o <= zero else o
-                else:
-                    out[k, i, j] = o
-                    if relu == RELU_APART:
-                        h[k, i, j] = zero if o <= zero else o
+                _store(out, h, k, i, j, o, relu, zero)
 
 
 @numba.njit(cache=True, error_model="numpy", nogil=True)
@@ -83,12 +90,7 @@ def batchnorm_batch(
                 xh = xmu[k, i, j] * inv_std[k, j]
                 xhat[k, i, j] = xh
                 o = g[k, j] * xh + b[k, j]
-                if relu == RELU_IN_PLACE:
-                    out[k, i, j] = zero if o <= zero else o
-                else:
-                    out[k, i, j] = o
-                    if relu == RELU_APART:
-                        h[k, i, j] = zero if o <= zero else o
+                _store(out, h, k, i, j, o, relu, zero)
 
 
 @numba.njit(cache=True, error_model="numpy", nogil=True)
