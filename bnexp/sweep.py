@@ -349,12 +349,13 @@ def feature_dtype(runs: Sequence[Run]) -> str:
 
 
 def warm_up_kernels(runs: Sequence[Run]) -> bool:
-    """Load the fused Adam kernel (`bnexp.fused`) when it pays for its start-up on these runs
-    (the ones to train: `fused.MIN_ELEMENT_STEPS`), compiled here for the dtypes the Adam runs
-    compute in, before workers are forked so they inherit it. Returns whether it was loaded.
-    Results are the same bits either way."""
-    adam = [(run, solver_settings(run.cfg)) for run in runs]
-    adam = [(run, s) for run, s in adam if s.update_rule == "adam"]
+    """Load the compiled kernels (`bnexp.fused`) when Adam's pays for their start-up on these
+    runs (the ones to train: `fused.MIN_ELEMENT_STEPS`), compiled here for the dtypes every run
+    computes in (batch norm's kernels serve the runs of any update rule), before workers are
+    forked so they inherit them. Returns whether they were loaded. Results are the same bits
+    either way."""
+    settings = [(run, solver_settings(run.cfg)) for run in runs]
+    adam = [(run, s) for run, s in settings if s.update_rule == "adam"]
     element_steps = sum(
         parameter_count(run.cfg.model.hidden_dims) * _num_iterations(run.cfg) for run, _ in adam
     )
@@ -364,7 +365,7 @@ def warm_up_kernels(runs: Sequence[Run]) -> bool:
     # (a signal raised inside them was seen printed as "ignored" and lost); held, it acts as
     # soon as the kernel is ready.
     with signals_held():
-        return fused.warm_up(sorted({s.compute_np_dtype.name for _, s in adam}))
+        return fused.warm_up(sorted({s.compute_np_dtype.name for _, s in settings}))
 
 
 def load_train_data(

@@ -153,6 +153,21 @@ def test_the_sweep_loads_the_kernel_only_where_it_pays(monkeypatch):
     assert not loads([])
 
 
+def test_the_sweep_compiles_for_every_run_s_dtype(monkeypatch):
+    """Batch norm's kernels serve runs of every update rule, so a float64 SGD run beside the
+    float32 Adam runs that pay for the load gets them compiled before the fork too (a worker
+    would otherwise compile on its own, for seconds)."""
+    from bnexp.config import expand_runs
+    from bnexp.sweep import warm_up_kernels
+
+    asked = []
+    monkeypatch.setattr(fused, "warm_up", lambda dtypes: asked.append(list(dtypes)) or True)
+    sgd64 = ["train.update_rule=sgd", "model.dtype=float64"]
+    runs = expand_runs(load_config(None, [])) + expand_runs(load_config(None, sgd64))
+    assert warm_up_kernels(runs)
+    assert asked == [["float32", "float64"]]
+
+
 def test_a_process_that_did_not_load_it_runs_numpy(monkeypatch):
     monkeypatch.setattr(fused, "_loaded", None)
     a = np.ones((4, 6), np.float32)
