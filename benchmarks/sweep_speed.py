@@ -14,15 +14,18 @@ Rows of the table:
   limited to one BLAS thread (threadpoolctl); the pool is started before the clock.
 - one-at-a-time: the 40 networks one after another (K = 1 each), 2 BLAS threads, in this process.
 
+``--kernels-ab ROUNDS`` also times the batch-norm group alone on one BLAS thread, with the compiled
+kernels (`bnexp.fused`) and without them (``BNEXP_FUSED=0``), interleaved, and prints the medians.
+
 GFLOP/s counts the matrix-product FLOPs actually performed (forward and backward of every affine
 layer except the never-computed input gradient, the accuracy checks and the test evaluation) divided
 by the wall time. The GEMM peak is a 2048 x 2048 matrix product on 2 threads. Peak RSS is the
 high-water mark of this process and, for the worker rows, of the largest worker.
 
 Usage: ``python benchmarks/sweep_speed.py [--data-dir DIR] [--dtypes float32,float64]
-[--no-serial] [--profile]``. Real CIFAR-10 is read when ``--data-dir`` or BNEXP_DATA_DIR is set;
-otherwise synthetic Gaussian data of the same shapes is used (noted in the table). Data loading is
-not timed.
+[--no-serial] [--profile] [--kernels-ab ROUNDS]``. Real CIFAR-10 is read when ``--data-dir`` or
+BNEXP_DATA_DIR is set; otherwise synthetic Gaussian data of the same shapes is used (noted in the
+table). Data loading is not timed.
 """
 
 from __future__ import annotations
@@ -215,18 +218,54 @@ def profile_group(data, dtype: str) -> None:
     print(f"  {'everything else':28} {total - sum(totals.values()):6.2f} s")
 
 
+def kernels_ab(data, dtype: str, rounds: int) -> None:
+    """Time the batch-norm group alone (one BLAS thread) with the compiled kernels and without,
+    interleaved over `rounds`; print the medians. Needs the kernels loaded (`fused.warm_up`)."""
+    import statistics
+
+    settings = sweep_settings(dtype)
+    spec, members = make_groups(settings, data.X_train.shape[0])[0]
+    times: dict[str, list[float]] = {"compiled kernels": [], "NumPy (BNEXP_FUSED=0)": []}
+    saved = os.environ.get(fused.ENV_FUSED)
+    try:
+        for _ in range(rounds):
+            for name, flag in zip(times, ("1", "0"), strict=True):
+                os.environ[fused.ENV_FUSED] = flag  # read at every call, so it switches here
+                with threadpool_limits(1):
+                    times[name].append(
+                        _timed(lambda: train.train_group(spec, members, data, settings))
+                    )
+    finally:
+        os.environ.pop(fused.ENV_FUSED, None)
+        if saved is not None:
+            os.environ[fused.ENV_FUSED] = saved
+    print(f"one batch-norm group alone ({dtype}, 1 thread), medians of {rounds} interleaved rounds")
+    for name, values in times.items():
+        rounds_text = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {name:24} {statistics.median(values):6.2f} s   ({rounds_text})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--no-serial", action="store_true", help="skip one-at-a-time training")
     parser.add_argument("--profile", action="store_true", help="also profile one group")
+    parser.add_argument(
+        "--kernels-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also time one group with and without the compiled kernels, interleaved",
+    )
     args = parser.parse_args()
     data, source = load_data(args.data_dir)
     # As `bnexp sweep-init` does for the default sweep: the fused Adam kernel when numba is
     # installed (the `fast` extra), loaded before any worker is forked; BNEXP_FUSED=0 for NumPy.
     kernel = fused.warm_up(args.dtypes.split(","))
     print(f"Adam update: {'fused kernel (numba)' if kernel else 'NumPy'}")
+    if args.kernels_ab and kernel:
+        kernels_ab(data, args.dtypes.split(",")[0], args.kernels_ab)
     if args.profile:
         profile_group(data, args.dtypes.split(",")[0])
     rows = run(args.dtypes.split(","), data, serial=not args.no_serial)
