@@ -1,10 +1,10 @@
 """The fully connected net ``{affine - [norm] - relu - [dropout]} x L - affine - softmax``, for
 stacks of nets.
 
-``norm`` is one of `NORMALIZATIONS`, picked by name in `_normalize` / `_NORM_BACKWARD` (the only
-place that knows the layers; plain batch norm is called with its ReLU, `_normalize_relu`, so that
-the compiled kernels can fuse the two); dropout is inverted dropout after each ReLU, in training
-steps only.
+``norm`` is one of `NORMALIZATIONS`, picked by name with the ReLU after it in `_normalize_relu` /
+`_relu_normalize_backward` (the only place that knows the layers; plain batch norm is called
+together with its ReLU so that the compiled kernels can fuse the two); dropout is inverted dropout
+after each ReLU, in training steps only.
 
 Parameters live in a dict with keys ``W1, b1, gamma1, beta1, ..., W{L+1}, b{L+1}`` (gamma/beta only
 with a normalization). A *stack* of K networks of one architecture has a leading axis K on every
@@ -283,40 +283,30 @@ def draw_step(
     return StepDraws(dropout=dropout, noise=noise)
 
 
-def _normalize(spec, layer, a, params, bn_params, bn_mode, draws):
-    """The normalization of hidden layer `layer` (1-based) by name -> (out, cache)."""
-    kind = spec.normalization
-    if kind == "none":
-        return a, None
-    gamma, beta = params[f"gamma{layer}"], params[f"beta{layer}"]
-    if kind == "layernorm":
-        return layers.layernorm_forward(a, gamma, beta, {})
-    bn_param = bn_params[layer - 1]
-    bn_param["mode"] = bn_mode
-    if kind == "batchnorm":
-        return layers.batchnorm_forward(a, gamma, beta, bn_param)
-    # Noise only in training steps: evaluation and the population pass see plain batch norm.
-    noise = draws.noise[layer - 1] if draws is not None and bn_mode == "train" else None
-    return layers.noisy_batchnorm_forward(a, gamma, beta, bn_param, noise)
-
-
 def _normalize_relu(spec, layer, a, params, bn_params, bn_mode, draws, inplace: bool):
-    """`_normalize` then the ReLU (in place on the normalized array when `inplace`) -> (h,
-    norm_cache, relu_cache); plain batch norm takes both in one call, which the compiled kernels
-    (`bnexp.fused`) fuse."""
-    if spec.normalization == "batchnorm":
+    """The normalization of hidden layer `layer` (1-based), by name, then the ReLU (in place on
+    the normalized array when `inplace`) -> (h, norm_cache, relu_cache). Plain batch norm takes
+    both in one call, which the compiled kernels (`bnexp.fused`) fuse."""
+    kind = spec.normalization
+    out, norm_cache = a, None
+    gamma, beta = params.get(f"gamma{layer}"), params.get(f"beta{layer}")
+    if kind == "layernorm":
+        out, norm_cache = layers.layernorm_forward(a, gamma, beta, {})
+    elif kind in BATCH_STAT_NORMALIZATIONS:
         bn_param = bn_params[layer - 1]
         bn_param["mode"] = bn_mode
-        gamma, beta = params[f"gamma{layer}"], params[f"beta{layer}"]
-        return layers.batchnorm_relu_forward(a, gamma, beta, bn_param, inplace=inplace)
-    a, norm_cache = _normalize(spec, layer, a, params, bn_params, bn_mode, draws)
-    h, relu_cache = layers.relu_forward(a, inplace=inplace)
+        if kind == "batchnorm":
+            return layers.batchnorm_relu_forward(a, gamma, beta, bn_param, inplace=inplace)
+        # Noise only in training steps: evaluation and the population pass see plain batch norm.
+        noise = draws.noise[layer - 1] if draws is not None and bn_mode == "train" else None
+        out, norm_cache = layers.noisy_batchnorm_forward(a, gamma, beta, bn_param, noise)
+    h, relu_cache = layers.relu_forward(out, inplace=inplace)
     return h, norm_cache, relu_cache
 
 
-#: Backward pass of each normalization -> (dx, dgamma, dbeta).
+#: Backward pass of each normalization but plain batch norm (whose backward comes with its
+#: ReLU's, `_relu_normalize_backward`) -> (dx, dgamma, dbeta).
 _NORM_BACKWARD = {
-    "batchnorm": layers.batchnorm_backward_alt,
     "layernorm": layers.layernorm_backward,
     "noisy_batchnorm": layers.noisy_batchnorm_backward,
 }
