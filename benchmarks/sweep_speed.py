@@ -220,7 +220,7 @@ def profile_group(data, dtype: str) -> None:
 
 def kernels_ab(data, dtype: str, rounds: int) -> None:
     """Time the batch-norm group alone (one BLAS thread) with the compiled kernels and without,
-    interleaved over `rounds`; print the medians. Needs the kernels loaded (`fused.warm_up`)."""
+    interleaved over `rounds`; print the medians. Needs the extension (`fused.available`)."""
     import statistics
 
     settings = sweep_settings(dtype)
@@ -260,10 +260,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     data, source = load_data(args.data_dir)
-    # As `bnexp sweep-init` does for the default sweep: the fused Adam kernel when numba is
-    # installed (the `fast` extra), loaded before any worker is forked; BNEXP_FUSED=0 for NumPy.
-    kernel = fused.warm_up(args.dtypes.split(","))
-    print(f"Adam update: {'fused kernel (numba)' if kernel else 'NumPy'}")
+    # As `bnexp sweep-init` runs: the compiled kernels when the extension is built;
+    # BNEXP_FUSED=0 for NumPy.
+    kernel = fused.enabled()
+    print(f"Adam update and batch norm: {'compiled kernels' if kernel else 'NumPy'}")
     if args.kernels_ab and kernel:
         kernels_ab(data, args.dtypes.split(",")[0], args.kernels_ab)
     if args.profile:

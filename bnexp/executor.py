@@ -251,9 +251,9 @@ def _run_in_workers(jobs: Sequence, data, n_jobs: int, progress: _Progress):
     finished = False
     try:
         context = _context()
-        # The workers start with the parent's objects (numba's modules above all) out of the
+        # The workers start with the parent's objects (its modules above all) out of the
         # collector's reach: a collection in a worker would otherwise write to each one's header
-        # and so copy every page it shares with the parent (about 120 MB with numba loaded).
+        # and so copy every page it shares with the parent.
         # The parent takes its own back once the workers are forked.
         gc.freeze()
         # Held until every worker is in `workers`: a signal then stops them all below.

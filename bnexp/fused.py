@@ -1,109 +1,45 @@
-"""The Adam update and batch norm (with the ReLU after it) fused into compiled passes, when numba
-is installed (the ``fast`` extra).
+"""The Adam update and batch norm (with the ReLU after it) fused into compiled passes: the C
+extension `bnexp._kernels`, built with the package where a C compiler is found.
 
 NumPy runs the update as 14 whole-array operations, each one pass over memory; on the wide
 first-layer weights that is about 11 ms a step where one fused pass takes about 4 ms
-(`benchmarks/update_kernels.py`). The kernel evaluates the CS231n formulas in the same order and in
-the same dtype as `bnexp.optim.adam` (IEEE arithmetic: no fastmath, so no reassociation and no
-fused multiply-add), so its results are the same bits; the tests compare the two paths.
+(`benchmarks/update_kernels.py`). The kernels evaluate the CS231n formulas in the same order and
+in the same dtype as `bnexp.optim.adam` and `bnexp.layers` (IEEE arithmetic, compiled without
+fused multiply-add or reassociation), so their results are the same bits; the tests compare the
+two paths. Batch norm's kernels are its test-mode map, its staged train/batch forward and its
+closed-form backward, each optionally fused with the ReLU that `bnexp.model` applies next: one
+pass per stage instead of one per NumPy operation.
 
-``error_model="numpy"`` lets the loop be vectorized (numba's default Python error model checks
-every division for zero, which keeps it scalar); it changes nothing in the results, which follow
-IEEE division as NumPy's do.
-
-Batch norm (`bnexp._norm_kernels`) follows the same rule against `bnexp.layers`: its test-mode
-map, its staged train/batch forward and its closed-form backward, each optionally fused with the
-ReLU that `bnexp.model` applies next, one pass per stage instead of one per NumPy operation.
-
-Without numba, with ``BNEXP_FUSED=0`` in the environment, or in a process that did not `load`
-it, `adam` returns False (the batch-norm wrappers None) and the caller runs the NumPy formulas.
-`warm_up` loads the kernels and compiles them (numba caches them next to their modules: a few
-seconds per dtype the first time, then about 0.45 s a process for numba's import and the cache)
-before worker processes are forked, so they inherit the compiled code.
+The extension is a plain shared library: importing it costs well under a millisecond, so every
+process uses it (workers, Dask workers, the smallest experiment), and there is nothing to
+compile or warm up at run time. Without it (no compiler at install time), or with
+``BNEXP_FUSED=0`` in the environment, `adam` returns False and the batch-norm wrappers None, and
+the caller runs the NumPy formulas.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from collections.abc import Callable
-from functools import cache
-from typing import NamedTuple
 
 import numpy as np
 
-#: Environment variable that turns the compiled kernel off (``0``): the NumPy formulas run instead.
+try:
+    from bnexp import _kernels as _compiled
+except ImportError:  # built without a C compiler: NumPy runs the same formulas
+    _compiled = None
+
+#: Environment variable that turns the compiled kernels off (``0``): the NumPy formulas run instead.
 ENV_FUSED = "BNEXP_FUSED"
 
-#: Adam element-steps (parameters x iterations, summed over runs) below which `bnexp.sweep` does
-#: not load the kernel: loading numba costs about 0.45 s of start-up and the kernel saves about
-#: 2.6 ns per element-step (12.2 against 4.2 ms a step on 3.07 M weights,
-#: `benchmarks/update_kernels.py`), so it pays from about 2e8. The default sweep has 1.4e9.
-MIN_ELEMENT_STEPS = 2e8
 
-_loaded = None  # the compiled kernels (`_Kernels`) once `load` found them
-
-#: (relu, apart) -> the forward kernels' `relu` mode (`bnexp._norm_kernels`, whose values these
-#: repeat: importing that module would import numba).
-_RELU_MODES = {(False, False): 0, (True, True): 1, (True, False): 2}
-
-
-def load() -> bool:
-    """Import the kernel into this process (and so into the workers it forks afterwards) unless
-    turned off; True when it is then in use. The only place numba is imported: a process that
-    never calls it (a small experiment, a Dask worker, a test) runs the NumPy formulas."""
-    global _loaded
-    if os.environ.get(ENV_FUSED, "1") != "0" and _loaded is None:
-        _loaded = _import_kernel()
-    return enabled()
+def available() -> bool:
+    """True when the compiled extension was built and imports."""
+    return _compiled is not None
 
 
 def enabled() -> bool:
-    """True when the fused kernel is used: loaded (`load`) and not turned off."""
-    return _loaded is not None and os.environ.get(ENV_FUSED, "1") != "0"
-
-
-class _Kernels(NamedTuple):
-    """The compiled functions, each documented in its module."""
-
-    adam: Callable
-    batchnorm_inference: Callable
-    batchnorm_batch: Callable
-    batchnorm_backward: Callable
-
-
-@cache
-def _import_kernel() -> _Kernels | None:
-    """The kernels of `bnexp._adam_kernels` and `bnexp._norm_kernels`, or None without numba."""
-    try:
-        from bnexp import _adam_kernels, _norm_kernels
-    except ImportError:
-        return None
-    norm = _norm_kernels
-    return _Kernels(
-        _adam_kernels.adam, norm.batchnorm_inference, norm.batchnorm_batch, norm.batchnorm_backward
-    )
-
-
-@contextlib.contextmanager
-def _without_scipy():
-    """Hide SciPy while numba loads, when nothing imported it yet.
-
-    On its first compilation (or load from its cache) numba imports ``scipy.linalg``, only to
-    find a BLAS for ``np.dot`` in compiled code, which the kernel does not use: about 0.25 s of
-    every sweep's start-up where SciPy is installed. Marking the module missing makes that import
-    fail at once; numba then records that compiled ``np.dot`` is unavailable in this process.
-    SciPy is importable again afterwards.
-    """
-    if "scipy" in sys.modules:
-        yield
-        return
-    sys.modules["scipy"] = None  # the import system's "not found" marker
-    try:
-        yield
-    finally:
-        sys.modules.pop("scipy", None)
+    """True when the compiled kernels are used: available and not turned off."""
+    return _compiled is not None and os.environ.get(ENV_FUSED, "1") != "0"
 
 
 def _rates(lr, w: np.ndarray) -> tuple[str, np.ndarray] | None:
@@ -148,29 +84,10 @@ def adam(w, dw, m, v, lr, beta1: float, beta2: float, eps: float, t: int) -> boo
         return False
     kind, rate = rates
     # The constants exactly as NumPy applies Python floats to arrays of `dtype`: computed in
-    # double precision, then rounded once to the dtype.
-    c = [dtype.type(x) for x in (beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t)]
-    views = (a.reshape(-1, w.shape[-1]) for a in arrays)
-    _loaded.adam(*views, rate, kind == "rows", *c, dtype.type(eps))
-    return True
-
-
-def warm_up(dtypes=("float32",)) -> bool:
-    """`load` the kernels and compile them (or load them from numba's cache) for `dtypes` now, in
-    this process, so that forked workers inherit them instead of each compiling its own. Returns
-    whether the kernels are in use (False without numba or with BNEXP_FUSED=0)."""
-    with _without_scipy():
-        if not load():
-            return False
-        for name in dtypes:
-            dtype = np.dtype(name)
-            for lr in (1e-3, np.full((1, 2), 1e-3)):  # a per-row and a per-column rate
-                w, dw, m, v = (np.ones((2, 2), dtype=dtype) for _ in range(4))
-                adam(w, dw, m, v, lr, 0.9, 0.999, 1e-8, 1)
-            x, row = np.ones((2, 2), dtype=dtype), np.ones(2, dtype=dtype)
-            batchnorm_inference(x, row, row, row, row, 1e-5, relu=True, inplace=True)
-            out, _, stats = batchnorm_batch(x, row, row, 1e-5, relu=True, inplace=False)
-            batchnorm_backward(x, out, stats["xhat"], stats["inv_std"], row, row.shape)
+    # double precision here, then rounded once to the dtype by the extension.
+    c = [beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t]
+    rows, cols = w.size // w.shape[-1], w.shape[-1]
+    _compiled.adam(w, dw, m, v, rate, kind == "rows", rows, cols, *c, eps, _double(w))
     return True
 
 
@@ -202,6 +119,18 @@ def _norm_views(x: np.ndarray, *features: np.ndarray):
     return x.reshape(b, n, d), [np.ascontiguousarray(a).reshape(b, d) for a in features]
 
 
+def _double(x: np.ndarray) -> bool:
+    """Whether the kernels run in double (float64) rather than float (float32) for x."""
+    return x.dtype == np.float64
+
+
+def _relu_mode(relu: bool, apart: bool) -> int:
+    """The forward kernels' `relu` argument (its constants are the extension's own)."""
+    if not relu:
+        return _compiled.NO_RELU
+    return _compiled.RELU_APART if apart else _compiled.RELU_IN_PLACE
+
+
 def _outputs(x: np.ndarray, relu: bool, inplace: bool):
     """Fresh arrays out and h like x for a forward kernel (h is out itself when the ReLU is in
     place or absent), then the kernel's (B, N, D) views of them and its `relu` mode."""
@@ -209,7 +138,7 @@ def _outputs(x: np.ndarray, relu: bool, inplace: bool):
     apart = relu and not inplace
     h = np.empty_like(x) if apart else out
     views = out.reshape(-1, *x.shape[-2:]), h.reshape(-1, *x.shape[-2:])
-    mode = _RELU_MODES[relu, apart]
+    mode = _relu_mode(relu, apart)
     return out, h, views, mode
 
 
@@ -226,7 +155,7 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, eps: float, *
         return None
     x3, (rm, rv, g, b) = views
     out, h, out_views, mode = _outputs(x, relu, inplace)
-    _loaded.batchnorm_inference(x3, rm, rv, g, b, x.dtype.type(eps), *out_views, mode)
+    _compiled.bn_inference(x3, rm, rv, g, b, eps, *out_views, mode, *x3.shape, _double(x))
     return out, h
 
 
@@ -244,12 +173,12 @@ def batchnorm_batch(x, gamma, beta, eps: float, *, relu: bool, inplace: bool):
     if views is None:
         return None
     x3, (g, b) = views
-    kind = x.dtype.type
     out, h, out_views, mode = _outputs(x, relu, inplace)
     xmu, xhat = np.empty_like(x3), np.empty_like(x3)
     feats = [np.empty_like(g) for _ in range(4)]  # mean, var, std, inv_std
-    constants = kind(eps), kind(1), kind(x.shape[-2])
-    _loaded.batchnorm_batch(x3, g, b, *constants, xmu, xhat, *out_views, mode, *feats)
+    constants = eps, 1.0, float(x.shape[-2])
+    sizes = *x3.shape, _double(x)
+    _compiled.bn_batch(x3, g, b, *constants, xmu, xhat, *out_views, mode, *feats, *sizes)
     stat_shape = (*x.shape[:-2], 1, x.shape[-1])
     stats = {"xhat": xhat.reshape(x.shape), "xmu": xmu.reshape(x.shape)}
     for key, a in zip(("mean", "var", "std", "inv_std"), feats, strict=True):
@@ -278,10 +207,11 @@ def batchnorm_backward(dout, relu_input, xhat, inv_std, gamma, beta_shape):
         return None
     dout3, (g, inv) = views
     a3 = dout3 if relu_input is None else relu_input.reshape(dout3.shape)
-    kind = dout.dtype.type
     dx, dgamma, dbeta = np.empty_like(dout3), np.empty_like(g), np.empty_like(g)
     relu = relu_input is not None
     xhat3 = xhat.reshape(dout3.shape)
-    constants = kind(1), kind(dout.shape[-2])
-    _loaded.batchnorm_backward(dout3, a3, xhat3, inv, g, *constants, relu, dx, dgamma, dbeta)
+    constants = 1.0, float(dout.shape[-2])
+    outputs = dx, dgamma, dbeta
+    sizes = *dout3.shape, _double(dout)
+    _compiled.bn_backward(dout3, a3, xhat3, inv, g, *constants, relu, *outputs, *sizes)
     return dx.reshape(dout.shape), dgamma.reshape(gamma.shape), dbeta.reshape(gamma.shape)

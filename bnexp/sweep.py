@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnexp import checkpoint, fused, records
+from bnexp import checkpoint, records
 from bnexp.config import (
     INPUT_DIM,
     NUM_CLASSES,
@@ -48,7 +48,6 @@ from bnexp.config import (
     Run,
     config_to_yaml,
     expand_runs,
-    parameter_count,
     run_config_dict,
     run_ids,
 )
@@ -348,26 +347,6 @@ def feature_dtype(runs: Sequence[Run]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float64"
 
 
-def warm_up_kernels(runs: Sequence[Run]) -> bool:
-    """Load the compiled kernels (`bnexp.fused`) when Adam's pays for their start-up on these
-    runs (the ones to train: `fused.MIN_ELEMENT_STEPS`), compiled here for the dtypes every run
-    computes in (batch norm's kernels serve the runs of any update rule), before workers are
-    forked so they inherit them. Returns whether they were loaded. Results are the same bits
-    either way."""
-    settings = [(run, solver_settings(run.cfg)) for run in runs]
-    adam = [(run, s) for run, s in settings if s.update_rule == "adam"]
-    element_steps = sum(
-        parameter_count(run.cfg.model.hidden_dims) * _num_iterations(run.cfg) for run, _ in adam
-    )
-    if element_steps < fused.MIN_ELEMENT_STEPS:
-        return False
-    # Held: numba's import and cache loading (about a second) are not safe to unwind halfway
-    # (a signal raised inside them was seen printed as "ignored" and lost); held, it acts as
-    # soon as the kernel is ready.
-    with signals_held():
-        return fused.warm_up(sorted({s.compute_np_dtype.name for _, s in settings}))
-
-
 def load_train_data(
     cfg: ExperimentConfig,
     data_dir: str | Path | None,
@@ -546,8 +525,6 @@ def _train(exp: _Experiment, data, data_dir, force, log, options: dict) -> int:
     source = {"provided": "in-memory arrays"}
     if data is None:
         data, source = load_train_data(exp.cfg, data_dir, log, feature_dtype(exp.runs))
-    if options["scheduler"] is None:  # Dask workers run the NumPy update (`bnexp.fused`)
-        warm_up_kernels([exp.runs[i] for i in exp.todo])
     earlier = records.read_manifest(exp.out, note=log)
     exp = _same_data(exp, source, earlier, force)
     # Written only once the data has loaded: a data error must not leave an OUT/config.yaml
