@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <string.h>
 
 enum { NO_RELU = 0, RELU_APART = 1, RELU_IN_PLACE = 2 };
 
@@ -79,18 +80,25 @@ static void release(Held *held)
     held->count = 0;
 }
 
-/* The data of `obj`, a C-contiguous buffer of exactly `items` elements of `itemsize` bytes
- * (writable when asked), held in `held`; NULL with a Python error otherwise. */
+/* The data of `obj`, a C-contiguous buffer of exactly `items` native floats (float when
+ * itemsize is 4, double when 8; writable when asked), held in `held`; NULL with a Python error
+ * otherwise. */
 static void *array(PyObject *obj, Py_ssize_t items, Py_ssize_t itemsize, int writable, Held *held)
 {
     Py_buffer *view = &held->views[held->count];
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0)
         return NULL;
     held->count++;
     if (view->len != items * itemsize || view->itemsize != itemsize) {
         PyErr_Format(PyExc_ValueError, "bnexp._kernels: an array of %zd bytes where %zd x %zd "
                      "were expected", view->len, items, itemsize);
+        return NULL;
+    }
+    const char *format = view->format ? view->format : "B";
+    if (strcmp(format, itemsize == sizeof(double) ? "d" : "f") != 0) {
+        PyErr_Format(PyExc_ValueError, "bnexp._kernels: an array of format '%s' where native "
+                     "float%d was expected", format, (int)(8 * itemsize));
         return NULL;
     }
     return view->buf;

@@ -26,8 +26,8 @@ def test_the_extension_is_built_wherever_a_compiler_is():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_call_with_the_wrong_sizes_is_refused(dtype):
-    """Sizes that do not match the arrays, a read-only output, or a strided array: a Python error,
-    never a write outside the arrays."""
+    """Sizes that do not match the arrays, another element type or byte order, a read-only output,
+    or a strided array: a Python error, never a write outside the arrays or a misread."""
     if not fused.available():
         pytest.skip("bnexp._kernels was not built")
     kernels, double = fused._compiled, dtype == np.float64
@@ -43,6 +43,22 @@ def test_a_call_with_the_wrong_sizes_is_refused(dtype):
     read_only.flags.writeable = False
     with pytest.raises((ValueError, BufferError, TypeError)):
         kernels.adam(read_only, g, m, v, rate, True, 3, 4, *constants, double)
+    swapped = w.astype(w.dtype.newbyteorder())
+    with pytest.raises(ValueError, match="format"):
+        kernels.adam(swapped, g, m, v, rate, True, 3, 4, *constants, double)
+    with pytest.raises(ValueError, match="format"):
+        kernels.adam(
+            w.view(np.int64 if double else np.int32),
+            g,
+            m,
+            v,
+            rate,
+            True,
+            3,
+            4,
+            *constants,
+            double,
+        )
     strided = np.zeros((3, 8), dtype)[:, ::2]
     with pytest.raises((ValueError, BufferError, TypeError)):
         kernels.adam(strided, g, m, v, rate, True, 3, 4, *constants, double)
