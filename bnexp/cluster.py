@@ -22,6 +22,20 @@ shared data dir means workers need no file system in common with the client. Das
 memory manager may drop extra copies when few groups are left to run; a worker then fetches the
 copy from a peer again, and if the last copy dies with its worker the data are scattered again.
 
+Placement: every worker gets groups
+-----------------------------------
+Dask runs a task where its inputs already are, so it would put every group on the workers that
+hold the data, and the memory manager's ReduceReplicas policy (on by default, every 2 s) drops
+the copies no task waits for yet: one that runs between the scatter and the groups' arrival
+leaves the data on one worker, all groups go there, and only work stealing, a heuristic that may
+not act, moves any to the others. So each group carries a loose placement hint (``workers=[one
+address]``, ``allow_other_workers=True``): the largest groups first, each to the worker with the
+least hinted work per thread among those the scheduler knows at submission (``local:N`` waits
+for its N workers), so with at least as many groups as workers every worker starts one, and a
+worker without the data fetches it from a peer. The hint is no constraint: work stealing still
+balances, and a group whose worker died or left runs on any other. A group submitted again is
+hinted among the workers known then; a worker that joins later gets groups only by stealing.
+
 Identical numbers
 -----------------
 Every task sets one BLAS thread (threadpoolctl) before it trains, as ``--jobs`` does: OpenBLAS's
@@ -228,10 +242,11 @@ def _connect(distributed, scheduler: str):
     return client, None
 
 
-def _wait_and_scatter(client, scheduler: str, data):
-    """Wait for a worker, then put `data` on every worker once; the future of that copy."""
+def _wait_and_scatter(client, scheduler: str, data, workers: int = 1):
+    """Wait for `workers` workers, then put `data` on every worker once; the future of that
+    copy."""
     try:
-        client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
+        client.wait_for_workers(workers, timeout=WORKER_WAIT_SECONDS)
         # hash=False: tokenizing 1.2 GB of images would only cost time; one scatter per call.
         return client.scatter(data, broadcast=True, hash=False)
     except TimeoutError:  # before OSError: TimeoutError is one
@@ -292,10 +307,40 @@ def _cannot_unpickle(exc: BaseException) -> bool:
     return isinstance(exc, ImportError) or "deserializ" in str(exc)
 
 
-def _submit(client, job, shared, key: str):
-    """The future of one group's task, trained on the scattered data `shared`."""
+def _known_workers(client) -> dict[str, int]:
+    """Address -> threads of every worker the scheduler knows now; empty if it cannot say."""
+    with contextlib.suppress(OSError, TimeoutError):  # a lost scheduler is reported later
+        return dict(client.nthreads())
+    return {}
+
+
+def _least_loaded(workers: dict[str, int], load: dict[str, float]) -> str | None:
+    """The worker of `workers` (address -> threads) with the least `load` per thread (the first
+    address on a tie); None when there is none."""
+    if not workers:
+        return None
+    return min(sorted(workers), key=lambda address: load.get(address, 0) / workers[address])
+
+
+def _placement(works: Sequence[float], workers: dict[str, int]) -> list[str | None]:
+    """The worker each group should start on: largest `works` first, each to the worker with the
+    least work per thread so far (longest processing time first), so that every worker gets a
+    group when there are enough. None for every group when no worker is known."""
+    load: dict[str, float] = {}
+    hints: list[str | None] = [None] * len(works)
+    for n in sorted(range(len(works)), key=lambda n: -works[n]):  # stable: ties in order
+        hints[n] = _least_loaded(workers, load)
+        if hints[n] is not None:
+            load[hints[n]] = load.get(hints[n], 0) + works[n]
+    return hints
+
+
+def _submit(client, job, shared, key: str, worker: str | None):
+    """The future of one group's task, trained on the scattered data `shared`, hinted to start
+    on `worker` (see "Placement" in the module docstring; None: anywhere)."""
+    hint = {"workers": [worker], "allow_other_workers": True} if worker else {}
     # Larger groups first: the last group to start decides the wall time.
-    return client.submit(_train_on_worker, job, shared, key=key, priority=job.work)
+    return client.submit(_train_on_worker, job, shared, key=key, priority=job.work, **hint)
 
 
 def _outcome(distributed, future, job, client, scheduler: str, attempt: int):
@@ -332,6 +377,17 @@ def _outcome(distributed, future, job, client, scheduler: str, attempt: int):
             "give the workers more memory, or split the sweep"
         ) from None
     return GroupOutcome(tuple(job.run_indices), results, worker)
+
+
+def _resubmit_hint(client, jobs: Sequence, pending: dict) -> str | None:
+    """The worker for a group submitted again: the one known now with the least work per
+    thread among the unfinished groups hinted to it (`pending`: future -> (job number,
+    attempt, hint))."""
+    load: dict[str, float] = {}
+    for n, _, hint in pending.values():
+        if hint is not None:
+            load[hint] = load.get(hint, 0) + jobs[n].work
+    return _least_loaded(_known_workers(client), load)
 
 
 def _progress_bar(total: int, progress: bool):
@@ -374,22 +430,26 @@ def run_on_dask(jobs: Sequence, data, scheduler: str, progress: bool) -> Iterato
     try:
         with _dask_logs_at(logging.ERROR):
             client, cluster = _connect(distributed, scheduler)
-            shared = _wait_and_scatter(client, scheduler, data)
+            # local:N: the groups are placed among the workers known now, so wait for all N.
+            shared = _wait_and_scatter(client, scheduler, data, local_workers(scheduler) or 1)
             token = uuid.uuid4().hex[:8]
             finished = distributed.as_completed()
-            for n, job in enumerate(jobs):
-                future = _submit(client, job, shared, f"bnexp-group-{n}-{token}-0")
-                pending[future] = (n, 0)
+            hints = _placement([job.work for job in jobs], _known_workers(client))
+            for n, (job, hint) in enumerate(zip(jobs, hints, strict=True)):
+                future = _submit(client, job, shared, f"bnexp-group-{n}-{token}-0", hint)
+                pending[future] = (n, 0, hint)
                 finished.add(future)
             for future in finished:
-                n, attempt = pending.pop(future)
+                n, attempt, _ = pending.pop(future)
                 job = jobs[n]
                 outcome = _outcome(distributed, future, job, client, scheduler, attempt)
                 if outcome is None:  # dropped by a live scheduler: train the group again
                     if shared.status != "finished":  # the data died with their last holder
                         shared = _wait_and_scatter(client, scheduler, data)
-                    again = _submit(client, job, shared, f"bnexp-group-{n}-{token}-{attempt + 1}")
-                    pending[again] = (n, attempt + 1)
+                    hint = _resubmit_hint(client, jobs, pending)
+                    key = f"bnexp-group-{n}-{token}-{attempt + 1}"
+                    again = _submit(client, job, shared, key, hint)
+                    pending[again] = (n, attempt + 1, hint)
                     finished.add(again)
                     continue
                 bar.update(job.work)

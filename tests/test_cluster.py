@@ -209,6 +209,42 @@ def test_unreachable_scheduler_is_one_cluster_error_line(monkeypatch, data, tmp_
     assert "\n" not in str(err.value)
 
 
+# --- placement hints (no Dask) ----------------------------------------------------------------
+
+
+def makespan(works, hints, workers) -> float:
+    """The largest work per thread any worker is given."""
+    load = dict.fromkeys(workers, 0.0)
+    for work, hint in zip(works, hints, strict=True):
+        load[hint] += work
+    return max(load[w] / workers[w] for w in workers)
+
+
+def test_placement_starts_a_group_on_every_worker_and_is_near_the_best_split():
+    rng = np.random.default_rng(7)
+    for n_groups, n_workers in [(2, 2), (4, 2), (3, 3), (5, 2), (6, 3), (7, 3), (2, 3)]:
+        workers = {f"tcp://127.0.0.1:{9000 + w}": 1 for w in range(n_workers)}
+        works = rng.integers(1, 50, n_groups).tolist()
+        hints = cluster._placement(works, workers)
+        assert set(hints) <= set(workers)
+        assert len(set(hints)) == min(n_groups, n_workers)  # every worker starts a group
+        # Independent reference: the best split over every assignment of groups to workers.
+        best = min(
+            makespan(works, [list(workers)[i] for i in split], workers)
+            for split in np.ndindex(*[n_workers] * n_groups)
+        )
+        # Longest processing time first is within 4/3 - 1/(3m) of the best (Graham, 1969).
+        assert makespan(works, hints, workers) <= (4 / 3 - 1 / (3 * n_workers)) * best + 1e-9
+
+
+def test_placement_counts_threads_and_needs_a_worker():
+    two_threads, one_thread = "tcp://10.0.0.1:1", "tcp://10.0.0.2:1"
+    hints = cluster._placement([4, 4, 4, 4], {one_thread: 1, two_threads: 2})
+    # 3 groups on two threads and 1 on one: 6 per thread at most, where 2 and 2 would be 8.
+    assert sorted(hints) == sorted([two_threads] * 3 + [one_thread])
+    assert cluster._placement([4, 4], {}) == [None, None]  # no worker known: Dask decides
+
+
 # --- real scheduler and workers ---------------------------------------------------------------
 
 
@@ -238,6 +274,40 @@ def test_two_workers_give_the_results_of_jobs_1_and_stream_them(dask_procs, data
     for key, results in pairs.items():
         assert_same_results(results, want[key])
     wait_until(lambda: not dask_procs.bnexp_tasks(), "the tasks to be released")
+
+
+@needs_dask
+@pytest.mark.slow
+def test_every_worker_trains_groups_when_the_data_sit_on_one(dask_procs, data, monkeypatch):
+    # What could leave a worker idle, forced: Dask's memory manager drops the second copy of the
+    # scattered data before the groups arrive (no task waits for it yet), Dask puts a task where
+    # its data are, and work stealing is off here so it cannot move a group afterwards. The
+    # placement hints alone must still start groups on both workers.
+    dask_procs.env["DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING"] = "False"
+    address = dask_procs.start(workers=2)
+    jobs = group_jobs(epochs=EPOCHS)
+    want = reference(jobs, data, EPOCHS)
+    scatter, holders = cluster._wait_and_scatter, []
+
+    def scatter_then_drop_a_copy(client, scheduler, data, workers=1):
+        shared = scatter(client, scheduler, data, workers)
+        count = lambda dask_scheduler: len(dask_scheduler.tasks[shared.key].who_has)  # noqa: E731
+        holders.append(dask_procs.observer.run_on_scheduler(count))
+        dask_procs.observer.amm.run_once()  # what its 2-second cycle may do at this moment
+        wait_until(lambda: dask_procs.observer.run_on_scheduler(count) == 1, "a copy dropped")
+        return shared
+
+    monkeypatch.setattr(cluster, "_wait_and_scatter", scatter_then_drop_a_copy)
+    outcomes = list(cluster.run_on_dask(jobs, data, address, False))
+    assert holders == [2]  # scattered to both, then one copy dropped
+    assert sorted(o.run_indices for o in outcomes) == sorted(want)
+    for o in outcomes:
+        assert_same_results(o.results, want[o.run_indices])
+    assert {o.worker["address"] for o in outcomes} == set(dask_procs.worker_pids())
+    steals = dask_procs.observer.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.get_events("stealing"))
+    )
+    assert steals == []  # placed, not rescued
 
 
 @needs_dask
@@ -474,6 +544,8 @@ def test_cli_scheduler_gives_the_results_of_jobs_1_and_names_the_workers(tmp_pat
     recorded = sorted(r for g in manifest["group_workers"] for r in g["runs"])
     assert recorded == sorted(p.name for p in (out / "runs").iterdir())
     assert all(g["worker"]["address"] for g in manifest["group_workers"])
+    # Two groups (with and without batch norm), and local:2 waits for both of its workers.
+    assert len({g["worker"]["address"] for g in manifest["group_workers"]}) == 2
 
 
 def test_cli_scheduler_without_dask_is_one_line_exit_5(tmp_path, monkeypatch):
