@@ -65,11 +65,11 @@ enum { NO_RELU = 0, RELU_APART = 1, RELU_IN_PLACE = 2 };
 /* argument handling                                                                          */
 /* ------------------------------------------------------------------------------------------ */
 
-#define MAX_ARRAYS 11
+#define MAX_ARGS 20
 
 /* The buffers a call holds, released together. */
 typedef struct {
-    Py_buffer views[MAX_ARRAYS];
+    Py_buffer views[MAX_ARGS];
     int count;
 } Held;
 
@@ -104,160 +104,180 @@ static void *array(PyObject *obj, Py_ssize_t items, Py_ssize_t itemsize, int wri
     return view->buf;
 }
 
-static int check_count(Py_ssize_t nargs, Py_ssize_t want, const char *name)
+/* The call's arguments, read by `parse`: its arrays' data, its numbers, and the buffers held. */
+typedef struct {
+    void *data[MAX_ARGS];
+    double num[MAX_ARGS];
+    Py_ssize_t itemsize; /* 8: the arrays are double, 4: float */
+    Held held;
+} Args;
+
+/* Read the arguments as `spec` says, one letter per argument: 'r' an array read, 'w' an array
+ * written (counts[i] elements each), 'd' a number (a Python float, or anything float() takes),
+ * 'n' a size (a non-negative Python int), 'b' a flag. The last argument is always the flag
+ * `double`. Numbers, sizes and flags go to a->num; `counts` is called once they are read, to
+ * give each array's element count from them. 0, or -1 with a Python error and nothing held. */
+static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, const char *spec,
+                 void (*counts)(const double *num, Py_ssize_t *out), Args *a)
 {
-    if (nargs == want)
-        return 0;
-    PyErr_Format(PyExc_TypeError, "bnexp._kernels.%s takes %zd arguments (%zd given)", name, want,
-                 nargs);
-    return -1;
+    Py_ssize_t want = (Py_ssize_t)strlen(spec);
+    a->held.count = 0;
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "bnexp._kernels.%s takes %zd arguments (%zd given)", name,
+                     want, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        if (spec[i] == 'd') {
+            a->num[i] = PyFloat_AsDouble(args[i]);
+        } else if (spec[i] == 'n') {
+            Py_ssize_t size = PyLong_AsSsize_t(args[i]);
+            if (size < 0 && !PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "bnexp._kernels.%s: a negative size", name);
+            a->num[i] = (double)size;
+        } else if (spec[i] == 'b') {
+            a->num[i] = PyObject_IsTrue(args[i]);
+        }
+        if (PyErr_Occurred() || (spec[i] == 'b' && a->num[i] < 0))
+            return -1;
+    }
+    a->itemsize = a->num[want - 1] ? sizeof(double) : sizeof(float);
+    Py_ssize_t items[MAX_ARGS] = {0};
+    counts(a->num, items);
+    for (Py_ssize_t i = 0; i < want; i++) {
+        if (spec[i] != 'r' && spec[i] != 'w')
+            continue;
+        a->data[i] = array(args[i], items[i], a->itemsize, spec[i] == 'w', &a->held);
+        if (a->data[i] == NULL) {
+            release(&a->held);
+            return -1;
+        }
+    }
+    return 0;
 }
 
-/* Sizes and flags: Python ints; scalars: Python floats (or anything float() takes). */
-#define SIZE(i) PyLong_AsSsize_t(args[i])
-#define SCALAR(i) PyFloat_AsDouble(args[i])
-#define GOT_ERROR() (PyErr_Occurred() != NULL)
+#define IS_DOUBLE(a) ((a).itemsize == sizeof(double))
+#define SIZE(a, i) ((Py_ssize_t)(a).num[i])
+/* In a counts function: the size read at argument i. */
+#define AT(i) ((Py_ssize_t)num[i])
 
 /* adam(w, g, m, v, lr, per_row, rows, cols, b1, c1, b2, c2, k1, k2, eps, double) */
+static void adam_counts(const double *num, Py_ssize_t *out)
+{
+    out[0] = out[1] = out[2] = out[3] = AT(6) * AT(7);
+    out[4] = num[5] ? AT(6) : AT(7);
+}
+
 static PyObject *py_adam(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_count(nargs, 16, "adam") < 0)
+    Args a;
+    if (parse(args, nargs, "adam", "wrwwrbnndddddddb", adam_counts, &a) < 0)
         return NULL;
-    int per_row = PyObject_IsTrue(args[5]), dbl = PyObject_IsTrue(args[15]);
-    Py_ssize_t rows = SIZE(6), cols = SIZE(7);
-    double c[7];
-    for (int i = 0; i < 7; i++)
-        c[i] = SCALAR(8 + i);
-    if (GOT_ERROR() || per_row < 0 || dbl < 0)
-        return NULL;
-    Py_ssize_t size = dbl ? sizeof(double) : sizeof(float), n = rows * cols;
-    Held held = {.count = 0};
-    void *w = array(args[0], n, size, 1, &held);
-    void *g = w ? array(args[1], n, size, 0, &held) : NULL;
-    void *m = g ? array(args[2], n, size, 1, &held) : NULL;
-    void *v = m ? array(args[3], n, size, 1, &held) : NULL;
-    void *lr = v ? array(args[4], per_row ? rows : cols, size, 0, &held) : NULL;
-    if (lr == NULL) {
-        release(&held);
-        return NULL;
-    }
+    void **p = a.data;
+    const double *c = a.num + 8;
+    int per_row = (int)a.num[5];
+    Py_ssize_t rows = SIZE(a, 6), cols = SIZE(a, 7);
     Py_BEGIN_ALLOW_THREADS
-    if (dbl)
-        adam_f64(w, g, m, v, lr, per_row, rows, cols, c[0], c[1], c[2], c[3], c[4], c[5], c[6]);
+    if (IS_DOUBLE(a))
+        adam_f64(p[0], p[1], p[2], p[3], p[4], per_row, rows, cols, c[0], c[1], c[2], c[3], c[4],
+                 c[5], c[6]);
     else
-        adam_f32(w, g, m, v, lr, per_row, rows, cols, (float)c[0], (float)c[1], (float)c[2],
-                 (float)c[3], (float)c[4], (float)c[5], (float)c[6]);
+        adam_f32(p[0], p[1], p[2], p[3], p[4], per_row, rows, cols, (float)c[0], (float)c[1],
+                 (float)c[2], (float)c[3], (float)c[4], (float)c[5], (float)c[6]);
     Py_END_ALLOW_THREADS
-    release(&held);
+    release(&a.held);
     Py_RETURN_NONE;
 }
 
 /* bn_inference(x, rm, rv, g, b, eps, out, h, relu, B, N, D, double) */
+static void bn_inference_counts(const double *num, Py_ssize_t *out)
+{
+    Py_ssize_t full = AT(9) * AT(10) * AT(11), feat = AT(9) * AT(11);
+    out[0] = out[6] = out[7] = full;
+    out[1] = out[2] = out[3] = out[4] = feat;
+}
+
 static PyObject *py_bn_inference(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_count(nargs, 13, "bn_inference") < 0)
+    Args a;
+    if (parse(args, nargs, "bn_inference", "rrrrrdwwnnnnb", bn_inference_counts, &a) < 0)
         return NULL;
-    double eps = SCALAR(5);
-    Py_ssize_t relu = SIZE(8), nb = SIZE(9), n = SIZE(10), d = SIZE(11);
-    int dbl = PyObject_IsTrue(args[12]);
-    if (GOT_ERROR() || dbl < 0)
-        return NULL;
-    Py_ssize_t size = dbl ? sizeof(double) : sizeof(float), full = nb * n * d, feat = nb * d;
-    Held held = {.count = 0};
-    void *p[8] = {NULL};
-    Py_ssize_t items[8] = {full, feat, feat, feat, feat, 0, full, full};
-    int ok = 1;
-    for (int i = 0; i < 8 && ok; i++)
-        if (i != 5)
-            ok = (p[i] = array(args[i], items[i], size, i >= 6, &held)) != NULL;
-    void *scale = ok ? PyMem_RawMalloc(d * size + 1) : NULL;
+    void **p = a.data;
+    int relu = (int)a.num[8];
+    Py_ssize_t nb = SIZE(a, 9), n = SIZE(a, 10), d = SIZE(a, 11);
+    void *scale = PyMem_RawMalloc(d * a.itemsize + 1); /* sqrt(rv + eps) of one network */
     if (scale == NULL) {
-        release(&held);
-        return ok ? PyErr_NoMemory() : NULL;
+        release(&a.held);
+        return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    if (dbl)
-        bn_inference_f64(p[0], p[1], p[2], p[3], p[4], eps, p[6], p[7], (int)relu, nb, n, d,
+    if (IS_DOUBLE(a))
+        bn_inference_f64(p[0], p[1], p[2], p[3], p[4], a.num[5], p[6], p[7], relu, nb, n, d,
                          scale);
     else
-        bn_inference_f32(p[0], p[1], p[2], p[3], p[4], (float)eps, p[6], p[7], (int)relu, nb, n,
+        bn_inference_f32(p[0], p[1], p[2], p[3], p[4], (float)a.num[5], p[6], p[7], relu, nb, n,
                          d, scale);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scale);
-    release(&held);
+    release(&a.held);
     Py_RETURN_NONE;
 }
 
 /* bn_batch(x, g, b, eps, one, n_t, xmu, xhat, out, h, relu, mean, var, std, inv_std, B, N, D,
  *          double) */
+static void bn_batch_counts(const double *num, Py_ssize_t *out)
+{
+    Py_ssize_t full = AT(15) * AT(16) * AT(17), feat = AT(15) * AT(17);
+    out[0] = out[6] = out[7] = out[8] = out[9] = full;
+    out[1] = out[2] = out[11] = out[12] = out[13] = out[14] = feat;
+}
+
 static PyObject *py_bn_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_count(nargs, 19, "bn_batch") < 0)
+    Args a;
+    if (parse(args, nargs, "bn_batch", "rrrdddwwwwnwwwwnnnb", bn_batch_counts, &a) < 0)
         return NULL;
-    double eps = SCALAR(3), one = SCALAR(4), n_t = SCALAR(5);
-    Py_ssize_t relu = SIZE(10), nb = SIZE(15), n = SIZE(16), d = SIZE(17);
-    int dbl = PyObject_IsTrue(args[18]);
-    if (GOT_ERROR() || dbl < 0)
-        return NULL;
-    Py_ssize_t size = dbl ? sizeof(double) : sizeof(float), full = nb * n * d, feat = nb * d;
-    /* argument index -> elements (0: a scalar or a size, not an array), writable */
-    static const int index[] = {0, 1, 2, 6, 7, 8, 9, 11, 12, 13, 14};
-    Held held = {.count = 0};
-    void *p[15] = {NULL};
-    int ok = 1;
-    for (int i = 0; i < 11 && ok; i++) {
-        int at = index[i];
-        int is_full = at == 0 || (at >= 6 && at <= 9), writable = at >= 6;
-        ok = (p[at] = array(args[at], is_full ? full : feat, size, writable, &held)) != NULL;
-    }
-    if (!ok) {
-        release(&held);
-        return NULL;
-    }
+    void **p = a.data;
+    const double *c = a.num + 3; /* eps, one, n_t */
+    int relu = (int)a.num[10];
+    Py_ssize_t nb = SIZE(a, 15), n = SIZE(a, 16), d = SIZE(a, 17);
     Py_BEGIN_ALLOW_THREADS
-    if (dbl)
-        bn_batch_f64(p[0], p[1], p[2], eps, one, n_t, p[6], p[7], p[8], p[9], (int)relu, p[11],
+    if (IS_DOUBLE(a))
+        bn_batch_f64(p[0], p[1], p[2], c[0], c[1], c[2], p[6], p[7], p[8], p[9], relu, p[11],
                      p[12], p[13], p[14], nb, n, d);
     else
-        bn_batch_f32(p[0], p[1], p[2], (float)eps, (float)one, (float)n_t, p[6], p[7], p[8],
-                     p[9], (int)relu, p[11], p[12], p[13], p[14], nb, n, d);
+        bn_batch_f32(p[0], p[1], p[2], (float)c[0], (float)c[1], (float)c[2], p[6], p[7], p[8],
+                     p[9], relu, p[11], p[12], p[13], p[14], nb, n, d);
     Py_END_ALLOW_THREADS
-    release(&held);
+    release(&a.held);
     Py_RETURN_NONE;
 }
 
 /* bn_backward(dout, a, xhat, inv_std, g, one, n_t, relu, dx, dgamma, dbeta, B, N, D, double) */
+static void bn_backward_counts(const double *num, Py_ssize_t *out)
+{
+    Py_ssize_t full = AT(11) * AT(12) * AT(13), feat = AT(11) * AT(13);
+    out[0] = out[1] = out[2] = out[8] = full;
+    out[3] = out[4] = out[9] = out[10] = feat;
+}
+
 static PyObject *py_bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_count(nargs, 15, "bn_backward") < 0)
+    Args a;
+    if (parse(args, nargs, "bn_backward", "rrrrrddbwwwnnnb", bn_backward_counts, &a) < 0)
         return NULL;
-    double one = SCALAR(5), n_t = SCALAR(6);
-    int relu = PyObject_IsTrue(args[7]), dbl = PyObject_IsTrue(args[14]);
-    Py_ssize_t nb = SIZE(11), n = SIZE(12), d = SIZE(13);
-    if (GOT_ERROR() || relu < 0 || dbl < 0)
-        return NULL;
-    Py_ssize_t size = dbl ? sizeof(double) : sizeof(float), full = nb * n * d, feat = nb * d;
-    static const int index[] = {0, 1, 2, 3, 4, 8, 9, 10};
-    Held held = {.count = 0};
-    void *p[11] = {NULL};
-    int ok = 1;
-    for (int i = 0; i < 8 && ok; i++) {
-        int at = index[i];
-        int is_full = at <= 2 || at == 8, writable = at >= 8;
-        ok = (p[at] = array(args[at], is_full ? full : feat, size, writable, &held)) != NULL;
-    }
-    if (!ok) {
-        release(&held);
-        return NULL;
-    }
+    void **p = a.data;
+    int relu = (int)a.num[7];
+    Py_ssize_t nb = SIZE(a, 11), n = SIZE(a, 12), d = SIZE(a, 13);
     Py_BEGIN_ALLOW_THREADS
-    if (dbl)
-        bn_backward_f64(p[0], p[1], p[2], p[3], p[4], one, n_t, relu, p[8], p[9], p[10], nb, n, d);
-    else
-        bn_backward_f32(p[0], p[1], p[2], p[3], p[4], (float)one, (float)n_t, relu, p[8], p[9],
+    if (IS_DOUBLE(a))
+        bn_backward_f64(p[0], p[1], p[2], p[3], p[4], a.num[5], a.num[6], relu, p[8], p[9],
                         p[10], nb, n, d);
+    else
+        bn_backward_f32(p[0], p[1], p[2], p[3], p[4], (float)a.num[5], (float)a.num[6], relu,
+                        p[8], p[9], p[10], nb, n, d);
     Py_END_ALLOW_THREADS
-    release(&held);
+    release(&a.held);
     Py_RETURN_NONE;
 }
 

@@ -62,5 +62,7 @@ def test_a_call_with_the_wrong_sizes_is_refused(dtype):
     strided = np.zeros((3, 8), dtype)[:, ::2]
     with pytest.raises((ValueError, BufferError, TypeError)):
         kernels.adam(strided, g, m, v, rate, True, 3, 4, *constants, double)
+    with pytest.raises(ValueError, match="negative"):  # -3 x -4 would match the arrays' size
+        kernels.adam(w, g, m, v, rate, True, -3, -4, *constants, double)
     with pytest.raises(TypeError, match="arguments"):
         kernels.adam(w, g, m, v)
