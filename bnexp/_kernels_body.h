@@ -22,10 +22,8 @@ static KERNEL void NAME(adam)(T *restrict w, const T *restrict g, T *restrict m,
 {
     for (Py_ssize_t i = 0; i < rows; i++) {
         Py_ssize_t o = i * cols;
-        const T *rate = per_row ? NULL : lr;
-        T row_rate = per_row ? lr[i] : 0;
         for (Py_ssize_t j = 0; j < cols; j++) {
-            T r = per_row ? row_rate : rate[j];
+            T r = per_row ? lr[i] : lr[j];
             T gk = g[o + j];
             T mk = b1 * m[o + j] + c1 * gk;
             T vk = b2 * v[o + j] + c2 * (gk * gk);
